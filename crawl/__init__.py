@@ -1,0 +1,1 @@
+"""Getting web images: URL lists and the img2dataset fetch."""

@@ -1,0 +1,99 @@
+"""`dextra <stage>`: the thin command line DVC calls. Each stage's core is `run(params, paths)` in its module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# stage -> (module with run(params, paths), one paragraph for --help)
+STAGES: dict[str, tuple[str, str]] = {
+    "seed": (
+        "dextra.pipeline.seed",
+        "Import the seed set named by `dataset` (its manifest's `seed:`) into data/seed/{train,test}.parquet. "
+        "For the demo this generates coloured digits, and the synthetic web the later stages crawl.",
+    ),
+    "urls": (
+        "dextra.crawl.urls",
+        "Read every URL list of the manifest's `sources:` and write data/urls/<source>.parquet with a stable "
+        "url_id per URL and the query/class each URL was found with.",
+    ),
+    "fetch": (
+        "dextra.crawl.fetch",
+        "Download the images of every URL never attempted before, with img2dataset, into data/crawl/shards/, "
+        "and record one status row per URL in data/crawl/status.parquet.",
+    ),
+    "clip": (
+        "dextra.filter.clip",
+        "Load the open_clip model named in params (pretrained tag or local checkpoint), optionally train it "
+        "contrastively on the seed pairs, and save it to models/clip/.",
+    ),
+    "embed": (
+        "dextra.filter.embed",
+        "Compute CLIP image embeddings of seed and crawled images and text embeddings of every seed caption, "
+        "into data/embeddings/. Shards embedded before with the same model are skipped.",
+    ),
+    "curate": (
+        "dextra.filter.curate",
+        "Decide which crawled images join the extra set (fetch errors, duplicates, leaks of seed test images, "
+        "distance to the seed set) and give each kept image an extrapolated text embedding. Writes "
+        "data/curated/decisions.parquet (one row per URL) and data/curated/shards/.",
+    ),
+    "report": (
+        "dextra.filter.report",
+        "Write data/report/index.html: counts per outcome, score histograms and galleries of kept and dropped images.",
+    ),
+    "pretrain": (
+        "dextra.train.pretrain",
+        "Train the text-conditional diffusion model on the curated extra set; weights in models/pretrain/.",
+    ),
+    "finetune": (
+        "dextra.train.finetune",
+        "Fine-tune the pretrained model on the seed train set, starting from its EMA weights; weights in models/finetune/.",
+    ),
+    "evaluate": (
+        "dextra.train.evaluate",
+        "Sample images for seed test captions and write CLIP-FD, CLIP score and GT CLIP score to metrics/eval.json, "
+        "with a sample grid under dvclive/evaluate/.",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dextra",
+        description="Grow a small captioned image set with curated web images and train a text-to-image model on it. "
+        "Each subcommand is one stage of dvc.yaml; `dvc repro` runs them in order.",
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (_, help_text) in STAGES.items():
+        stage = sub.add_parser(name, help=help_text.split(". ")[0].rstrip(".") + ".", description=help_text)
+        stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        stage.add_argument("--root", default=".", help="repository root that data/ and models/ live under (default: .)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(argv)
+    from .errors import DextraError
+    from .params import load_params
+    from .paths import Paths
+
+    try:
+        params = load_params(args.params)
+        module = importlib.import_module(STAGES[args.stage][0])
+        started = time.perf_counter()
+        summary = module.run(params, Paths(Path(args.root)))
+    except DextraError as exc:
+        print(f"dextra {args.stage}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"dextra {args.stage}: done in {time.perf_counter() - started:.1f}s " + json.dumps(summary or {}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Device choice: CUDA when present (or asked for), else CPU."""
+from __future__ import annotations
+
+import torch
+
+from .errors import ParamsError
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("device: 'cuda' was asked for but torch sees no CUDA device (use 'auto' or 'cpu')")
+    if requested == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,67 @@
+"""Manifests: where a dataset's seed set comes from and which URL lists extend it (manifests/<dataset>.yaml)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ParamsError
+from .paths import Paths
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SeedSource(_Strict):
+    importer: Literal["demo", "folder"] = Field(description="how the seed set is read")
+    path: Optional[str] = Field(None, description="the dataset's folder, for importers that read one")
+
+
+class ColumnMap(_Strict):
+    url: str = "url"
+    text: Optional[str] = "text"
+    query: Optional[str] = "query"
+    class_: Optional[str] = Field("class", alias="class")
+
+
+class UrlSource(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names data/urls/<name>.parquet")
+    path: Optional[str] = Field(None, description="a local URL list, relative to the repository root")
+    url: Optional[str] = Field(None, description="where to download the URL list from (needs sha256)")
+    sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
+    format: Literal["csv", "tsv", "parquet", "jsonl"] = "csv"
+    columns: ColumnMap = ColumnMap()
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "UrlSource":
+        if (self.path is None) == (self.url is None):
+            raise ValueError("give exactly one of path or url")
+        if self.url is not None and self.sha256 is None:
+            raise ValueError("a downloaded list needs its sha256")
+        return self
+
+
+class Manifest(_Strict):
+    name: str
+    seed: SeedSource
+    sources: list[UrlSource] = []
+    allowed_schemes: list[Literal["http", "https", "file"]] = ["http", "https"]
+
+
+def load_manifest(dataset: str, paths: Paths) -> Manifest:
+    path = paths.manifest(dataset)
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in paths.manifests.glob("*.yaml"))) or "none"
+        raise ParamsError(f"dataset: no manifest {path} (known: {known})")
+    try:
+        return Manifest.model_validate(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ParamsError(f"{path}: {problems}") from None

@@ -1,0 +1,1 @@
+"""Diffusion training on the curated extra set and the seed set, sampling and evaluation."""
