@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ParamsError
 
@@ -28,12 +28,18 @@ class FetchParams(_Section):
     image_size: int = Field(64, ge=8, le=4096, description="stored crawl images are resized to this side")
     resize_mode: Literal["no", "keep_ratio", "center_crop", "border"] = "keep_ratio"
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(95, ge=1, le=100)
+    encode_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality, or PNG compression level")
     processes: int = Field(2, ge=1, le=512)
     threads: int = Field(16, ge=1, le=1024)
     timeout_s: float = Field(10.0, gt=0)
     retries: int = Field(0, ge=0, le=10)
     shard_size: int = Field(10_000, ge=1, description="URLs per img2dataset shard")
+
+    @model_validator(mode="after")
+    def _png_level(self) -> "FetchParams":
+        if self.encode_format == "png" and self.encode_quality > 9:
+            raise ValueError("encode_quality is the PNG compression level (1-9) when encode_format is png")
+        return self
 
 
 class ClipParams(_Section):

@@ -61,6 +61,11 @@ class Paths:
         return self.curated / "decisions.parquet"
 
     @property
+    def curate_summary(self) -> Path:
+        """Counts per outcome and the thresholds curate used."""
+        return self.curated / "summary.json"
+
+    @property
     def curated_shards(self) -> Path:
         return self.curated / "shards"
 

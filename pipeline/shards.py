@@ -39,6 +39,7 @@ CURATED_FIELDS = [
     pa.field("neighbor_weights", pa.list_(pa.float32()), nullable=False),
     pa.field("neighbor_captions", pa.list_(pa.string()), nullable=False),
 ]
+CURATED_SCHEMA = pa.schema(list(IMAGE_SCHEMA) + CURATED_FIELDS)
 
 # URL lists written by `urls`, read by `fetch`.
 URL_SCHEMA = pa.schema(
@@ -56,14 +57,14 @@ URL_SCHEMA = pa.schema(
 STATUS_SCHEMA = pa.schema(
     [
         pa.field("url_id", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | error
+        pa.field("status", pa.string(), nullable=False),  # ok | error | refused
         pa.field("error", pa.string()),
         pa.field("shard", pa.string()),
     ]
 )
 
 # One row per crawled URL, written by `curate`: what happened to it and every score.
-DECISION_OUTCOMES = ("kept", "fetch_error", "duplicate", "leak", "distance")
+DECISION_OUTCOMES = ("kept", "fetch_error", "refused", "duplicate", "leak", "distance")
 DECISION_SCHEMA = pa.schema(
     [
         pa.field("url_id", pa.string(), nullable=False),

@@ -1,0 +1,161 @@
+"""The `clip` stage and the one way every later stage loads the CLIP model it saved.
+
+The model comes from open_clip: a model name with a pretrained tag or local checkpoint, or a config bundled in
+filter/clip_configs/ (the demo's, trained here from scratch because no weights can be downloaded). With
+`clip.train_epochs > 0` it is trained contrastively on the seed train pairs with open_clip's ClipLoss.
+models/clip/ then holds the config and the weights, so loading needs nothing but that folder.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from PIL import Image
+from tqdm import tqdm
+
+from dextra.pipeline.atomic import atomic_path, write_json
+from dextra.pipeline.device import pick_device
+from dextra.pipeline.errors import InputError, ParamsError
+from dextra.pipeline.params import Params
+from dextra.pipeline.paths import Paths
+from dextra.pipeline.shards import read_table
+
+BUNDLED_CONFIGS = Path(__file__).parent / "clip_configs"
+CHECKPOINT = "checkpoint.pt"
+MODEL_INFO = "model.json"
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP model with its preprocessing and tokenizer; encoders return L2-normalised float32 arrays."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    device: torch.device
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        out = [
+            F.normalize(self.model.encode_text(self.tokenizer(list(texts[i : i + batch_size])).to(self.device)), dim=-1)
+            for i in range(0, len(texts), batch_size)
+        ]
+        return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, self.embed_dim), np.float32)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embed float images in [0, 1], shape (N, 3, H, W), of any size: resized and normalised like `preprocess`."""
+        pixels = F.interpolate(pixels.to(self.device, torch.float32), size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        return F.normalize(self.model.encode_image((pixels.clamp(0, 1) - mean) / std), dim=-1)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else int(self.model.visual.output_dim)
+
+
+def _register_config(model: str, search: Path) -> None:
+    """open_clip only knows its own configs; add ours (bundled, or saved beside a checkpoint) under their file name."""
+    config = search / f"{model}.json"
+    if config.exists():
+        open_clip.add_model_config(config)
+
+
+def create(model: str, pretrained: str | None, device: torch.device) -> ClipBundle:
+    """Build an open_clip model by name; `pretrained` is an open_clip tag or a local checkpoint path."""
+    _register_config(model, BUNDLED_CONFIGS)
+    if open_clip.get_model_config(model) is None:
+        raise ParamsError(f"clip.model: {model!r} is neither an open_clip model nor a config in {BUNDLED_CONFIGS}")
+    try:
+        clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
+    except RuntimeError as exc:
+        raise ParamsError(f"clip.pretrained: cannot load {pretrained!r} for {model} ({exc})") from None
+    visual = clip_model.visual
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    return ClipBundle(
+        model=clip_model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(model),
+        device=device,
+        image_size=int(size),
+        mean=tuple(visual.preprocess_cfg["mean"]),
+        std=tuple(visual.preprocess_cfg["std"]),
+    )
+
+
+def load_clip(folder: str | Path, device: torch.device | str = "cpu") -> ClipBundle:
+    """Load what the `clip` stage saved in `folder` (models/clip), in eval mode."""
+    folder = Path(folder)
+    info_path = folder / MODEL_INFO
+    if not info_path.exists():
+        raise InputError(f"{info_path}: not found (run `dextra clip` first)")
+    info = json.loads(info_path.read_text())
+    _register_config(info["model"], folder)
+    bundle = create(info["model"], str(folder / CHECKPOINT), torch.device(device))
+    bundle.model.eval()
+    return bundle
+
+
+def decode(image_bytes: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(image_bytes)).convert("RGB")
+
+
+def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Sequence[Sequence[str]], params: Params) -> list[float]:
+    """Contrastive training on (image, random one of its captions) pairs; returns the mean loss per epoch."""
+    cfg = params.clip
+    generator = torch.Generator().manual_seed(params.seed)
+    rng = random.Random(params.seed)
+    pixels = torch.stack([bundle.preprocess(decode(b)) for b in images])
+    model, loss_fn = bundle.model, ClipLoss()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(images) // cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.train_epochs * steps_per_epoch, pct_start=0.1)
+    history = []
+    for _ in tqdm(range(cfg.train_epochs), desc="clip", unit="epoch"):
+        order = torch.randperm(len(images), generator=generator)
+        losses = []
+        for step in range(steps_per_epoch):
+            batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            texts = bundle.tokenizer([rng.choice(captions[i]) for i in batch.tolist()]).to(bundle.device)
+            image_features, text_features, logit_scale = model(pixels[batch].to(bundle.device), texts)
+            loss = loss_fn(image_features, text_features, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        history.append(float(np.mean(losses)))
+    model.eval()
+    return history
+
+
+def run(params: Params, paths: Paths) -> dict:
+    torch.manual_seed(params.seed)
+    device = pick_device(params.device)
+    bundle = create(params.clip.model, params.clip.pretrained, device)
+    history: list[float] = []
+    if params.clip.train_epochs:
+        train = read_table(paths.seed_split("train"), columns=["image", "captions"])
+        if train.num_rows < 2:
+            raise InputError(f"{paths.seed_split('train')}: needs at least 2 images to train CLIP, has {train.num_rows}")
+        history = train_contrastive(bundle, train.column("image").to_pylist(), train.column("captions").to_pylist(), params)
+    with atomic_path(paths.clip) as tmp:
+        tmp.mkdir()
+        torch.save({"state_dict": bundle.model.state_dict()}, tmp / CHECKPOINT)
+        (tmp / f"{params.clip.model}.json").write_text(json.dumps(open_clip.get_model_config(params.clip.model), indent=2))
+        write_json(tmp / MODEL_INFO, {"model": params.clip.model, "pretrained": params.clip.pretrained, "epoch_losses": history})
+    return {"model": params.clip.model, "epochs": len(history), "final_loss": history[-1] if history else None}

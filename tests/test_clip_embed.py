@@ -1,0 +1,88 @@
+"""The clip stage trains and saves an open_clip model that embed (and every later stage) loads back."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from dextra.filter import clip, embed
+from dextra.pipeline.errors import InputError, ParamsError
+from dextra.pipeline.paths import Paths
+from dextra.pipeline.shards import read_embeddings, sha256_hex, write_table
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def seed_shard(path, png, n, split, prefix="s"):
+    names = list(COLOURS)
+    images = [png(COLOURS[names[i % 4]], 32) for i in range(n)]
+    write_table(pa.table({
+        "id": [f"{prefix}{i}" for i in range(n)], "image": images,
+        "width": pa.array([32] * n, pa.int32()), "height": pa.array([32] * n, pa.int32()),
+        "captions": [[f"a {names[i % 4]} square", f"{names[i % 4]} colour"] for i in range(n)],
+        "split": [split] * n, "class": [names[i % 4] for i in range(n)], "source": ["test"] * n,
+        "url": pa.array([None] * n, pa.string()), "sha256": [sha256_hex(b) for b in images],
+    }), path)
+
+
+@pytest.fixture
+def seeded(tmp_path, png, make_params):
+    paths = Paths(tmp_path)
+    seed_shard(paths.seed_split("train"), png, 32, "train")
+    seed_shard(paths.seed_split("test"), png, 8, "test", prefix="t")
+    params = make_params(clip={"train_epochs": 12, "batch_size": 16, "lr": 0.002}, embed={"batch_size": 8})
+    return paths, params
+
+
+def test_clip_trains_saves_and_loads_back(seeded):
+    paths, params = seeded
+    summary = clip.run(params, paths)
+    info = json.loads((paths.clip / clip.MODEL_INFO).read_text())
+    assert len(info["epoch_losses"]) == 12 and info["epoch_losses"][-1] < info["epoch_losses"][0]
+    assert summary["final_loss"] == info["epoch_losses"][-1]
+
+    bundle = clip.load_clip(paths.clip)
+    texts = bundle.encode_texts([f"a {c} square" for c in COLOURS])
+    pixels = torch.tensor(np.array([COLOURS[c] for c in COLOURS], np.float32) / 255).view(4, 3, 1, 1).expand(4, 3, 32, 32)
+    images = bundle.encode_pixels(pixels).numpy()
+    assert np.allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
+    # After training, each colour's image is closest to its own caption.
+    assert (images @ texts.T).argmax(axis=1).tolist() == [0, 1, 2, 3]
+
+
+def test_clip_bad_inputs(tmp_path, make_params):
+    with pytest.raises(ParamsError, match="clip.model"):
+        clip.create("no-such-model", None, torch.device("cpu"))
+    with pytest.raises(InputError, match="train.parquet: file not found"):
+        clip.run(make_params(clip={"train_epochs": 1}), Paths(tmp_path))
+    assert not (tmp_path / "models").exists()
+    with pytest.raises(InputError, match="run `dextra clip` first"):
+        clip.load_clip(tmp_path / "models" / "clip")
+
+
+def test_embed_is_incremental(seeded, png):
+    paths, params = seeded
+    clip.run(params.model_copy(update={"clip": params.clip.model_copy(update={"train_epochs": 1})}), paths)
+    first = embed.run(params, paths)
+    assert first["embedded"] == {"seed_images": 40, "seed_captions": 80, "crawl_images": 0}
+
+    table, vectors = read_embeddings([paths.embedding_file("seed_images", "train")])
+    assert vectors.shape == (32, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=2e-3)
+    bundle = clip.load_clip(paths.clip)
+    expected = bundle.model.encode_image(bundle.preprocess(clip.decode(png(COLOURS["red"], 32))).unsqueeze(0))
+    expected = torch.nn.functional.normalize(expected, dim=-1).detach().numpy()[0]
+    assert np.allclose(vectors[table.column("id").to_pylist().index("s0")], expected, atol=2e-3)
+    captions, _ = read_embeddings([paths.embedding_file("seed_captions", "train")])
+    assert captions.column("caption").to_pylist()[:2] == ["a red square", "red colour"]
+
+    mtime = paths.embedding_file("seed_images", "train").stat().st_mtime_ns
+    assert embed.run(params, paths)["shards_skipped"] == 4
+    assert paths.embedding_file("seed_images", "train").stat().st_mtime_ns == mtime
+
+    seed_shard(paths.crawl_shards / "run1-00000.parquet", png, 5, "extra", prefix="c")
+    again = embed.run(params, paths)
+    assert again["embedded"]["crawl_images"] == 5 and again["shards_skipped"] == 4
+
+    clip.run(params.model_copy(update={"seed": 7, "clip": params.clip.model_copy(update={"train_epochs": 1})}), paths)
+    assert embed.run(params, paths)["shards_skipped"] == 0  # a new model re-embeds everything
