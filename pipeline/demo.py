@@ -294,8 +294,8 @@ def _alt_text(rng: np.random.Generator, digit: str, fg: str | None, bg: str | No
 class _Web:
     """Builds the synthetic web row by row; each row draws from its own seeded generator."""
 
-    def __init__(self, params: Params, seed: list[SeedImage], test_ids: set[str], folder: Path, url_folder: Path):
-        self.params, self.folder, self.url_folder = params, folder, url_folder
+    def __init__(self, params: Params, seed: list[SeedImage], test_ids: set[str], url_folder: Path):
+        self.params, self.url_folder = params, url_folder
         self.tests = [s for s in seed if s.id in test_ids]
         target = _digits()[1]
         self.spare = {d: [i for i in _seed_order(params)[1] if target[i] == d] for d in range(10)}
@@ -466,7 +466,7 @@ def write_web(params: Params, seed: list[SeedImage], test_ids: set[str], folder:
     counts = kind_counts(params.demo.n_web)
     kinds = [kind for kind in KINDS for _ in range(counts[kind])]
     kinds = [kinds[i] for i in np.random.default_rng([params.seed, 2]).permutation(len(kinds))]
-    web = _Web(params, seed, test_ids, folder, url_folder)
+    web = _Web(params, seed, test_ids, url_folder)
     ordinals = {kind: 0 for kind in KINDS}
     for index, kind in enumerate(kinds):
         if kind in ("in_domain", "wrong_class"):

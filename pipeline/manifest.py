@@ -50,6 +50,13 @@ class Manifest(_Strict):
     sources: list[UrlSource] = []
     allowed_schemes: list[Literal["http", "https", "file"]] = ["http", "https"]
 
+    @model_validator(mode="after")
+    def _unique_sources(self) -> "Manifest":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique (each names data/urls/<name>.parquet): {names}")
+        return self
+
 
 def load_manifest(dataset: str, paths: Paths) -> Manifest:
     path = paths.manifest(dataset)
