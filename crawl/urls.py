@@ -1,0 +1,155 @@
+"""`urls` stage: every URL list of the manifest becomes data/urls/<source>.parquet (URL_SCHEMA).
+
+A URL's id is a hash of its normalised form, so the same image link keeps the same id across lists,
+reorderings and re-runs; that is what lets `fetch` fetch only what it has never attempted.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+
+from ..pipeline.errors import InputError
+from ..pipeline.manifest import UrlSource, load_manifest
+from ..pipeline.params import Params
+from ..pipeline.paths import Paths
+from ..pipeline.shards import URL_SCHEMA, shard_files, write_table
+
+DOWNLOAD_ATTEMPTS = 3
+DOWNLOAD_TIMEOUT_S = 60
+_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$", re.DOTALL)
+
+
+def normalize_url(url: str) -> str:
+    """Strip whitespace and lower-case scheme and host; the path and query are case-sensitive, so they stay."""
+    url = url.strip()
+    match = _AUTHORITY.match(url)
+    if not match:
+        return url
+    scheme, authority, rest = match.groups()
+    userinfo, at, host = authority.rpartition("@")
+    return f"{scheme.lower()}://{userinfo}{at}{host.lower()}{rest}"
+
+
+def url_id(normalized_url: str) -> str:
+    return hashlib.sha256(normalized_url.encode("utf-8")).hexdigest()[:16]
+
+
+def download_path(paths: Paths, source: UrlSource) -> Path:
+    """Downloaded lists are cached beside the parquet lists, so an unchanged manifest downloads nothing."""
+    return paths.urls / "downloads" / f"{source.name}.{source.format}"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(source: UrlSource, dest: Path) -> Path:
+    """Fetch into <dest>.part, check the manifest's sha256, then rename; a mismatching file is kept as <dest>.bad."""
+    if dest.exists() and _file_sha256(dest) == source.sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        try:
+            with requests.get(source.url, stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                response.raise_for_status()
+                with open(part, "wb") as f:
+                    for block in response.iter_content(1 << 20):
+                        f.write(block)
+            break
+        except requests.RequestException as exc:
+            if attempt + 1 == DOWNLOAD_ATTEMPTS:
+                raise InputError(f"source {source.name}: cannot download {source.url} ({exc})") from None
+            time.sleep(2**attempt)
+    got = _file_sha256(part)
+    if got != source.sha256:
+        bad = dest.with_name(dest.name + ".bad")
+        part.replace(bad)
+        raise InputError(
+            f"source {source.name}: {source.url} has sha256 {got} but the manifest expects {source.sha256} (kept as {bad})"
+        )
+    part.replace(dest)
+    dest.with_name(dest.name + ".bad").unlink(missing_ok=True)
+    return dest
+
+
+def _read_list(path: Path, fmt: str) -> pd.DataFrame:
+    if not path.exists():
+        raise InputError(f"{path}: URL list not found")
+    try:
+        if fmt in ("csv", "tsv"):
+            return pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False, na_values=[""])
+        if fmt == "jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        return pq.read_table(path).to_pandas()
+    except (ValueError, OSError, pa.ArrowException, pd.errors.ParserError) as exc:
+        raise InputError(f"{path}: not a readable {fmt} URL list ({str(exc).splitlines()[0]})") from None
+
+
+def _strings(frame: pd.DataFrame, column: str | None) -> list[str | None]:
+    if column is None or column not in frame.columns:
+        return [None] * len(frame)
+    return [None if pd.isna(v) else str(v) for v in frame[column]]
+
+
+def build_list(source: UrlSource, path: Path) -> tuple[pa.Table, dict]:
+    """The URL_SCHEMA table of one source, duplicates (same normalised URL) and empty URLs dropped."""
+    frame = _read_list(path, source.format)
+    columns = source.columns
+    if columns.url not in frame.columns:
+        raise InputError(f"{path}: no URL column {columns.url!r} (columns: {', '.join(map(str, frame.columns))})")
+    texts, queries, classes = (_strings(frame, c) for c in (columns.text, columns.query, columns.class_))
+    rows: dict[str, tuple] = {}
+    empty = duplicates = 0
+    for raw, text, query, cls in zip(_strings(frame, columns.url), texts, queries, classes):
+        url = normalize_url(raw or "")
+        if not url:
+            empty += 1
+            continue
+        key = url_id(url)
+        if key in rows:
+            duplicates += 1
+            continue
+        rows[key] = (url, text, query, cls)
+    table = pa.table(
+        {
+            "url_id": list(rows),
+            "url": [r[0] for r in rows.values()],
+            "text": [r[1] for r in rows.values()],
+            "query": [r[2] for r in rows.values()],
+            "class": [r[3] for r in rows.values()],
+            "source": [source.name] * len(rows),
+        },
+        schema=URL_SCHEMA,
+    )
+    return table, {"urls": len(rows), "duplicates": duplicates, "empty": empty}
+
+
+def run(params: Params, paths: Paths) -> dict:
+    manifest = load_manifest(params.dataset, paths)
+    # Read every source before writing any, so one broken source leaves all lists as they were.
+    tables, summary = {}, {}
+    for source in manifest.sources:
+        path = _download(source, download_path(paths, source)) if source.url else paths.root / source.path
+        tables[source.name], summary[source.name] = build_list(source, path)
+    for name, table in tables.items():
+        write_table(table, paths.urls / f"{name}.parquet", URL_SCHEMA)
+    removed = [p.stem for p in shard_files(paths.urls) if p.stem not in tables]
+    for stem in removed:
+        (paths.urls / f"{stem}.parquet").unlink()
+    keep = {download_path(paths, s).name for s in manifest.sources if s.url}
+    for stale in (paths.urls / "downloads").glob("*"):
+        if stale.name.removesuffix(".part").removesuffix(".bad") not in keep:
+            stale.unlink()
+    return {"sources": summary, "removed": removed}
