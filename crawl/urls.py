@@ -19,7 +19,7 @@ from ..pipeline.errors import InputError
 from ..pipeline.manifest import UrlSource, load_manifest
 from ..pipeline.params import Params
 from ..pipeline.paths import Paths
-from ..pipeline.shards import URL_SCHEMA, shard_files, write_table
+from ..pipeline.shards import URL_SCHEMA, file_sha256, shard_files, write_table
 
 DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_TIMEOUT_S = 60
@@ -46,17 +46,9 @@ def download_path(paths: Paths, source: UrlSource) -> Path:
     return paths.urls / "downloads" / f"{source.name}.{source.format}"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(source: UrlSource, dest: Path) -> Path:
     """Fetch into <dest>.part, check the manifest's sha256, then rename; a mismatching file is kept as <dest>.bad."""
-    if dest.exists() and _file_sha256(dest) == source.sha256:
+    if dest.exists() and file_sha256(dest) == source.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -72,7 +64,7 @@ def _download(source: UrlSource, dest: Path) -> Path:
             if attempt + 1 == DOWNLOAD_ATTEMPTS:
                 raise InputError(f"source {source.name}: cannot download {source.url} ({exc})") from None
             time.sleep(2**attempt)
-    got = _file_sha256(part)
+    got = file_sha256(part)
     if got != source.sha256:
         bad = dest.with_name(dest.name + ".bad")
         part.replace(bad)

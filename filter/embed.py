@@ -6,7 +6,6 @@ only new or changed shards, and a new CLIP model re-embeds everything.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,19 +18,11 @@ from dextra.pipeline.atomic import write_json
 from dextra.pipeline.device import pick_device
 from dextra.pipeline.params import Params
 from dextra.pipeline.paths import EMBEDDING_KINDS, Paths
-from dextra.pipeline.shards import read_table, shard_files, write_embeddings
+from dextra.pipeline.shards import file_sha256, read_table, shard_files, write_embeddings
 
 from .clip import CHECKPOINT, ClipBundle, decode, load_clip
 
 INDEX = "index.json"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _ShardImages(Dataset):

@@ -90,6 +90,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
     """Cast the schema's columns to their declared types and put them first; extra columns stay, after them."""
     missing = [f.name for f in schema if f.name not in table.column_names]
