@@ -69,9 +69,9 @@ class ReportParams(_Section):
 
 
 class UNetParams(_Section):
-    block_out_channels: list[int] = Field([32, 64, 64], min_length=1, max_length=6)
+    block_out_channels: list[int] = Field([16, 32, 32], min_length=1, max_length=6)
     layers_per_block: int = Field(1, ge=1, le=8)
-    attention_head_dim: int = Field(8, ge=1, le=256)
+    attention_head_dim: int = Field(32, ge=1, le=256, description="channels per attention head")
     cross_attention_dim: int = Field(64, ge=8, le=4096)
     condition_tokens: int = Field(4, ge=1, le=77, description="tokens the pooled text embedding is projected to")
 
@@ -82,8 +82,12 @@ class TrainParams(_Section):
     resolution: int = Field(32, ge=8, le=1024)
     batch_size: int = Field(32, ge=1, le=65_536)
     unet: UNetParams = UNetParams()
+    random_flip: bool = Field(True, description="mirror training images left-right; off when mirroring changes what the caption says")
     condition_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training on the NULL condition")
     num_train_timesteps: int = Field(1000, ge=10, le=10_000)
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "v_prediction", description="what the UNet predicts; v learns the condition's colours and layout in far fewer steps"
+    )
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
