@@ -39,7 +39,7 @@ class ConditionProjector(ModelMixin, ConfigMixin):
 
 
 class Denoiser(nn.Module):
-    """ε-prediction for noisy images given a condition vector; one module so DDP and EMA see all weights."""
+    """The UNet's prediction (ε or v, per train.prediction_type) given a condition vector; one module so DDP and EMA see all weights."""
 
     def __init__(self, unet: UNet2DConditionModel, condition: ConditionProjector):
         super().__init__()
