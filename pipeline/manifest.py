@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -15,9 +15,63 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SeedSource(_Strict):
-    importer: Literal["demo", "folder"] = Field(description="how the seed set is read")
-    path: Optional[str] = Field(None, description="the dataset's folder, for importers that read one")
+class Subset(_Strict):
+    """A fixed random part of a large seed set (e.g. a COCO subset). Drawn with its own seed, so it stays the same
+    when params.seed changes, and a larger size keeps every image of a smaller one."""
+
+    train: Optional[int] = Field(None, ge=1, description="at most this many train images (null: all)")
+    test: Optional[int] = Field(None, ge=1, description="at most this many test images (null: all)")
+    seed: int = Field(0, ge=0)
+
+
+class DemoSeed(_Strict):
+    importer: Literal["demo"]
+
+
+class _DatasetSeed(_Strict):
+    path: str = Field(description="the dataset's folder: absolute, ~/..., or relative to the repository root")
+    subset: Optional[Subset] = None
+
+    def folder(self, root: Path) -> Path:
+        return root / Path(self.path).expanduser()
+
+
+class FolderSeed(_DatasetSeed):
+    """<path>/captions.csv: filename, caption[, class][, split]; images without a split are split by params.seed."""
+
+    importer: Literal["folder"]
+
+
+class CubSeed(_DatasetSeed):
+    """CUB-200-2011 with the Reed et al. captions, in the layout of VQ-Diffusion and the paper's code."""
+
+    importer: Literal["cub"]
+    images: str = Field("images", description="folder of <class>/<image>.jpg, relative to path")
+    captions: str = Field("text", description="Reed et al. captions, <class>/<image>.txt, relative to path")
+    split: Literal["lists", "official"] = Field(
+        "lists",
+        description="lists: train/filenames.pickle and test/filenames.pickle under path (the paper's split); "
+        "official: train_test_split.txt beside the images folder",
+    )
+
+
+class OxfordSeed(_DatasetSeed):
+    """Oxford-102 flowers (jpg/, imagelabels.mat, setid.mat) with the Reed et al. captions; trnid + valid are train."""
+
+    importer: Literal["oxford"]
+    captions: str = Field("text_c10", description="Reed et al. captions, class_NNNNN/image_NNNNN.txt, relative to path")
+
+
+class CocoSeed(_DatasetSeed):
+    """COCO 2014 captions: train2014 is the train split and val2014 the test split."""
+
+    importer: Literal["coco"]
+
+
+SeedSource = Annotated[
+    Union[DemoSeed, FolderSeed, CubSeed, OxfordSeed, CocoSeed],
+    Field(discriminator="importer", description="how the seed set is read"),
+]
 
 
 class ColumnMap(_Strict):
