@@ -22,7 +22,31 @@ def rows_curation_quality(r: dict) -> list[tuple[str, str, str]]:
     ]
 
 
-RENDERERS = {"curation_quality": rows_curation_quality}
+def rows_curation_ablation(r: dict) -> list[tuple[str, str, str]]:
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    return [
+        (f"ablation: {name}", f"P {fmt(v['precision'])} / R {fmt(v['recall'])}", f"class acc {fmt(v['class_accuracy'])}, leaks kept {v['leaks_kept']}")
+        for name, v in r["variants"].items()
+    ]
+
+
+def rows_embed(r: dict) -> list[tuple[str, str, str]]:
+    return [("embed: stage ÷ model-only images/s", f"{r['ratio']:.2f}", f"{r['stage_images_per_s']:.0f} vs {r['model_only_images_per_s']:.0f} images/s, {r['device']}, batch {r['batch_size']}")]
+
+
+def rows_curate_scale(r: dict) -> list[tuple[str, str, str]]:
+    rows = [(f"curate core: {run['crawled']:,} crawled", f"{run['seconds']:.0f} s", f"peak RSS {run['peak_rss_gib']:.2f} GiB") for run in r["runs"]]
+    if "time_growth" in r:
+        rows.append(("curate core: time growth", f"{r['time_growth']:.1f}×", f"for {r['size_growth']:.0f}× the crawl"))
+    return rows
+
+
+RENDERERS = {
+    "curation_quality": rows_curation_quality,
+    "curation_ablation": rows_curation_ablation,
+    "embed": rows_embed,
+    "curate_scale": rows_curate_scale,
+}
 
 
 def table() -> str:

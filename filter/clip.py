@@ -113,23 +113,42 @@ def decode(image_bytes: bytes) -> Image.Image:
     return Image.open(io.BytesIO(image_bytes)).convert("RGB")
 
 
-def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Sequence[Sequence[str]], params: Params) -> list[float]:
-    """Contrastive training on (image, random one of its captions) pairs; returns the mean loss per epoch."""
+def _pairs_loss(bundle: ClipBundle, pixels: torch.Tensor, texts: torch.Tensor, loss_fn: ClipLoss, batch_size: int) -> float:
+    """Mean contrastive loss over fixed batches, without gradients: the held-out score for early stopping."""
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            image, text, scale = bundle.model(pixels[start : start + batch_size].to(bundle.device), texts[start : start + batch_size].to(bundle.device))
+            losses.append(loss_fn(image, text, scale).item())
+    return float(np.mean(losses))
+
+
+def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Sequence[Sequence[str]], params: Params) -> list[dict]:
+    """Contrastive training on (image, random one of its captions) pairs, keeping the weights of the epoch with
+    the lowest loss on a held-out part of the pairs (first captions), and stopping after `patience` epochs
+    without a better one. Returns per-epoch train and held-out losses."""
     cfg = params.clip
     generator = torch.Generator().manual_seed(params.seed)
     rng = random.Random(params.seed)
     pixels = torch.stack([bundle.preprocess(decode(b)) for b in images])
+    order = torch.randperm(len(images), generator=generator)
+    n_holdout = int(round(len(images) * cfg.holdout_fraction)) if len(images) >= 4 else 0
+    held, train = order[:n_holdout], order[n_holdout:]
+    held_texts = bundle.tokenizer([captions[i][0] for i in held.tolist()]) if n_holdout else None
     model, loss_fn = bundle.model, ClipLoss()
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(images) // cfg.batch_size)
+    batch_size = min(cfg.batch_size, len(train))
+    steps_per_epoch = max(1, len(train) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.train_epochs * steps_per_epoch, pct_start=0.1)
-    history = []
-    for _ in tqdm(range(cfg.train_epochs), desc="clip", unit="epoch"):
-        order = torch.randperm(len(images), generator=generator)
+    history: list[dict] = []
+    best_loss, best_epoch = float("inf"), 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # if no epoch beats the start (diverged)
+    for epoch in tqdm(range(cfg.train_epochs), desc="clip", unit="epoch"):
+        model.train()
+        shuffled = train[torch.randperm(len(train), generator=generator)]
         losses = []
         for step in range(steps_per_epoch):
-            batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            batch = shuffled[step * batch_size : (step + 1) * batch_size]
             texts = bundle.tokenizer([rng.choice(captions[i]) for i in batch.tolist()]).to(bundle.device)
             image_features, text_features, logit_scale = model(pixels[batch].to(bundle.device), texts)
             loss = loss_fn(image_features, text_features, logit_scale)
@@ -138,24 +157,54 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-        history.append(float(np.mean(losses)))
+        model.eval()
+        held_loss = _pairs_loss(bundle, pixels[held], held_texts, loss_fn, batch_size) if n_holdout else float(np.mean(losses))
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "heldout_loss": held_loss})
+        if held_loss < best_loss:
+            best_loss, best_epoch, best_state = held_loss, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+@torch.no_grad()
+def retrieval_recall(bundle: ClipBundle, images: Sequence[bytes], captions: Sequence[Sequence[str]], params: Params, ks: Sequence[int] = (1, 5)) -> dict:
+    """Image→text (any of the image's captions in the top k) and text→image (its image in the top k) recall."""
+    from .embed import embed_images  # embed builds on this module
+
+    image_features = torch.from_numpy(embed_images(bundle, list(images), params)[0])
+    owner = torch.tensor([i for i, texts in enumerate(captions) for _ in texts])
+    text_features = torch.from_numpy(bundle.encode_texts([t for texts in captions for t in texts]))
+    similarity = image_features @ text_features.T
+    out = {}
+    for k in ks:
+        top_texts = similarity.topk(min(k, similarity.shape[1]), dim=1).indices
+        out[f"image_to_text_r{k}"] = float((owner[top_texts] == torch.arange(len(images))[:, None]).any(dim=1).float().mean())
+        top_images = similarity.T.topk(min(k, similarity.shape[0]), dim=1).indices
+        out[f"text_to_image_r{k}"] = float((top_images == owner[:, None]).any(dim=1).float().mean())
+    return out
 
 
 def run(params: Params, paths: Paths) -> dict:
     torch.manual_seed(params.seed)
     device = pick_device(params.device)
     bundle = create(params.clip.model, params.clip.pretrained, device)
-    history: list[float] = []
+    bundle.model.eval()
+    history: list[dict] = []
     if params.clip.train_epochs:
         train = read_table(paths.seed_split("train"), columns=["image", "captions"])
         if train.num_rows < 2:
             raise InputError(f"{paths.seed_split('train')}: needs at least 2 images to train CLIP, has {train.num_rows}")
         history = train_contrastive(bundle, train.column("image").to_pylist(), train.column("captions").to_pylist(), params)
+    test = read_table(paths.seed_split("test"), columns=["image", "captions"])
+    recall = retrieval_recall(bundle, test.column("image").to_pylist(), test.column("captions").to_pylist(), params)
     with atomic_path(paths.clip) as tmp:
         tmp.mkdir()
         torch.save({"state_dict": bundle.model.state_dict()}, tmp / CHECKPOINT)
         (tmp / f"{params.clip.model}.json").write_text(json.dumps(open_clip.get_model_config(params.clip.model), indent=2))
-        write_json(tmp / MODEL_INFO, {"model": params.clip.model, "pretrained": params.clip.pretrained, "epoch_losses": history})
-    return {"model": params.clip.model, "epochs": len(history), "final_loss": history[-1] if history else None}
+        write_json(tmp / MODEL_INFO, {"model": params.clip.model, "pretrained": params.clip.pretrained, "epochs": history})
+    write_json(paths.metrics / "clip.json", {**recall, "test_images": test.num_rows, "epochs_trained": len(history)})
+    best = min(history, key=lambda e: e["heldout_loss"]) if history else None
+    return {"model": params.clip.model, "epochs": len(history), "best_epoch": best and best["epoch"], **{k: round(v, 3) for k, v in recall.items()}}

@@ -1,8 +1,9 @@
 """The `embed` stage: CLIP embeddings of seed images, every seed caption and every crawled image.
 
 One output file per input shard (data/embeddings/<kind>/<shard>.parquet, ids beside L2-normalised float16
-vectors). data/embeddings/index.json records the model fingerprint and each input's sha256, so a re-run embeds
-only new or changed shards, and a new CLIP model re-embeds everything.
+vectors; image files also carry each image's perceptual hash, computed here because the image is decoded here
+anyway). data/embeddings/index.json records the model fingerprint and each input's sha256, so a re-run embeds
+only new or changed shards, and a new CLIP model (or output format) re-embeds everything.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -21,12 +23,14 @@ from dextra.pipeline.paths import EMBEDDING_KINDS, Paths
 from dextra.pipeline.shards import file_sha256, read_table, shard_files, write_embeddings
 
 from .clip import CHECKPOINT, ClipBundle, decode, load_clip
+from .dedup import HASH_BYTES, phash_image
 
 INDEX = "index.json"
+FORMAT = 2  # 2: image files carry a `phash` column
 
 
 class _ShardImages(Dataset):
-    """Decoding and preprocessing happen here, in the DataLoader's workers."""
+    """Decoding, preprocessing and hashing happen here, in the DataLoader's workers."""
 
     def __init__(self, images: list[bytes], preprocess):
         self.images, self.preprocess = images, preprocess
@@ -34,20 +38,23 @@ class _ShardImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.preprocess(decode(self.images[i]))
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bytes]:
+        image = decode(self.images[i])
+        return self.preprocess(image), phash_image(image)
 
 
 @torch.no_grad()
-def embed_images(bundle: ClipBundle, images: list[bytes], params: Params) -> np.ndarray:
+def embed_images(bundle: ClipBundle, images: list[bytes], params: Params) -> tuple[np.ndarray, list[bytes]]:
+    """L2-normalised CLIP embeddings (n, d) and pHashes of encoded images."""
     loader = DataLoader(_ShardImages(images, bundle.preprocess), batch_size=params.embed.batch_size, num_workers=params.embed.num_workers)
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=bundle.device.type == "cuda")
-    out = []
-    for pixels in loader:
+    out, hashes = [], []
+    for pixels, batch_hashes in loader:
         with autocast:
             features = bundle.model.encode_image(pixels.to(bundle.device, non_blocking=True))
         out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, bundle.embed_dim), np.float32)
+        hashes += list(batch_hashes)
+    return (np.concatenate(out) if out else np.zeros((0, bundle.embed_dim), np.float32)), hashes
 
 
 def _jobs(paths: Paths) -> list[tuple[str, Path, Path]]:
@@ -73,7 +80,8 @@ def _embed_one(bundle: ClipBundle, kind: str, source: Path, target: Path, params
         write_embeddings(target, ids, vectors, extra={"caption": captions})
         return len(captions)
     table = read_table(source, columns=["id", "image"])
-    write_embeddings(target, table.column("id").to_pylist(), embed_images(bundle, table.column("image").to_pylist(), params))
+    vectors, hashes = embed_images(bundle, table.column("image").to_pylist(), params)
+    write_embeddings(target, table.column("id").to_pylist(), vectors, extra={"phash": pa.array(hashes, pa.binary(HASH_BYTES))})
     return table.num_rows
 
 
@@ -82,7 +90,8 @@ def run(params: Params, paths: Paths) -> dict:
     model_sha = file_sha256(paths.clip / CHECKPOINT) if (paths.clip / CHECKPOINT).exists() else None
     index_path = paths.embeddings / INDEX
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    done: dict[str, str] = index.get("inputs", {}) if index.get("model") == model_sha else {}
+    current = index.get("model") == model_sha and index.get("format") == FORMAT
+    done: dict[str, str] = index.get("inputs", {}) if current else {}
 
     jobs = _jobs(paths)
     wanted = {str(target.relative_to(paths.embeddings)) for _, _, target in jobs}
@@ -103,6 +112,6 @@ def run(params: Params, paths: Paths) -> dict:
             continue
         counts[kind] += _embed_one(bundle, kind, source, target, params)
         done[rel] = source_sha
-        write_json(index_path, {"model": model_sha, "inputs": done})  # after each shard: a killed run keeps its work
-    write_json(index_path, {"model": model_sha, "inputs": done})
+        write_json(index_path, {"model": model_sha, "format": FORMAT, "inputs": done})  # after each shard: a killed run keeps its work
+    write_json(index_path, {"model": model_sha, "format": FORMAT, "inputs": done})
     return {"embedded": counts, "shards_skipped": skipped, "dim": bundle.embed_dim}

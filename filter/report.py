@@ -40,13 +40,14 @@ def data_uri(image_bytes: bytes, size: int = THUMB) -> str:
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-def histogram(values: list[float], threshold: float, title: str) -> str:
-    """A PNG data URI of the score histogram with the threshold drawn."""
+def histogram(values: list[float], threshold: float | None, title: str) -> str:
+    """A PNG data URI of the score histogram, with the threshold drawn when the detector was on."""
     fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
     ax.hist(values, bins=50, color="#4a7fb5")
-    ax.axvline(threshold, color="#c0392b", linestyle="--", label=f"threshold {threshold:.3f}")
+    if threshold is not None:
+        ax.axvline(threshold, color="#c0392b", linestyle="--", label=f"threshold {threshold:.3g}")
+        ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png")
@@ -78,14 +79,17 @@ def render(params: Params, paths: Paths) -> str:
         parts.append(f"<tr><td>{outcome}</td><td>{count}</td><td>{count / max(1, len(rows)):.1%}</td></tr>")
     parts.append("</table>")
 
-    scored = [r for r in rows if r["seed_similarity"] is not None]
     parts.append("<h2>Scores</h2>")
-    if scored:
-        for key, threshold, title in (
-            ("seed_similarity", summary["seed_similarity_threshold"], "mean similarity to nearest seed train images (kept above)"),
-            ("leak_similarity", summary["leak_similarity_threshold"], "similarity to nearest seed test image (leak above)"),
-        ):
-            parts.append(f'<img alt="{key} histogram" src="{histogram([r[key] for r in scored], threshold, title)}">')
+    thresholds = summary["thresholds"]
+    for key, threshold, title in (
+        ("seed_similarity", thresholds.get("distance"), "mean similarity to the nearest seed train images"),
+        ("cluster_similarity", thresholds.get("cluster"), "similarity of the image's cluster centre to the seed (cluster detector)"),
+        ("class_confidence", params.curate.min_class_confidence, "classifier confidence (class detector)"),
+        ("leak_hash_distance", summary["leak_hash_distance"], "pHash bits to the closest crop of a seed test image (leak below)"),
+    ):
+        values = [r[key] for r in rows if r[key] is not None]
+        if values:
+            parts.append(f'<img alt="{key} histogram" src="{histogram(values, threshold, title)}">')
 
     parts.append("<h2>Galleries</h2>")
     for outcome in sorted(counts):
@@ -95,7 +99,7 @@ def render(params: Params, paths: Paths) -> str:
         for r in sample:
             lines = [f"query: {r['query']}", r["detail"] or ""]
             if r["seed_similarity"] is not None:
-                lines.append(f"seed sim {r['seed_similarity']:.3f}, leak sim {r['leak_similarity']:.3f}")
+                lines.append(f"seed sim {r['seed_similarity']:.3f}, pHash to test {r['leak_hash_distance']}")
             parts.append(_card(images.get(r["url_id"]), lines))
         parts.append("</div>")
 

@@ -2,11 +2,12 @@
 so a typo in any section stops the run with a message naming the field, not a traceback mid-stage."""
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ParamsError
 
@@ -24,16 +25,56 @@ class DemoParams(_Section):
     image_size: int = Field(32, ge=16, le=256, description="seed image side in pixels")
 
 
+def parse_address_rule(text: str) -> tuple[IPv4Network | IPv6Network, int | None]:
+    """One `fetch.allow_addresses` entry: an IP or network, optionally with a port ("127.0.0.1:8080",
+    "10.0.0.0/8", "[::1]:8080"). Allowed addresses may be fetched from although they are not public."""
+    text = text.strip()
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (rest or None)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        network = ip_network(host, strict=False)
+        port_number = None if port is None else int(port)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or network with an optional :port") from None
+    if port_number is not None and not 0 < port_number < 65536:
+        raise ValueError(f"{text!r}: port {port_number} is out of range")
+    return network, port_number
+
+
 class FetchParams(_Section):
+    """How images are fetched, stored and guarded (crawl/fetch.py, crawl/safety.py, crawl/worker.py)."""
+
     image_size: int = Field(64, ge=8, le=4096, description="stored crawl images are resized to this side")
-    resize_mode: Literal["no", "keep_ratio", "center_crop", "border"] = "keep_ratio"
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = Field(
+        "keep_ratio", description="img2dataset's modes: keep_ratio sets the shorter side, keep_ratio_largest the longer one"
+    )
+    resize_only_if_bigger: bool = Field(False, description="never upscale: smaller images are stored at their size")
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality, or PNG compression level")
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
     processes: int = Field(2, ge=1, le=512)
     threads: int = Field(16, ge=1, le=1024)
-    timeout_s: float = Field(10.0, gt=0)
-    retries: int = Field(0, ge=0, le=10)
-    shard_size: int = Field(10_000, ge=1, description="URLs per img2dataset shard")
+    timeout_s: float = Field(10.0, gt=0, description="each connect and each read; max_seconds bounds the whole transfer")
+    max_seconds: float = Field(30.0, gt=0, description="total time per image, redirects and body included")
+    max_bytes: int = Field(10_000_000, ge=1024, description="bodies longer than this are cut off and refused")
+    max_pixels: int = Field(40_000_000, ge=1, description="images with more pixels (read from the header) are never decoded")
+    transient_retries: int = Field(2, ge=0, le=100, description="later runs that retry a URL whose failure was transient (timeout, 5xx, 429, reset)")
+    allow_addresses: list[str] = Field([], description="non-public addresses that may be fetched from: IP or network, optional :port")
+    opt_out: list[str] = Field(
+        ["noai", "noimageai", "noindex", "noimageindex"], description="X-Robots-Tag directives that opt an image out"
+    )
+    shard_size: int = Field(10_000, ge=1, description="URLs per img2dataset shard; a finished shard is never fetched again")
+
+    @field_validator("allow_addresses")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_address_rule(entry)
+        return value
 
     @model_validator(mode="after")
     def _png_level(self) -> "FetchParams":
@@ -49,6 +90,8 @@ class ClipParams(_Section):
     batch_size: int = Field(128, ge=2, le=65_536)
     lr: float = Field(5e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.1, ge=0, le=10.0)
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="share of seed train held out to pick the best epoch (early stopping)")
+    patience: int = Field(5, ge=1, description="epochs without a better held-out loss before training stops")
 
 
 class EmbedParams(_Section):
@@ -57,11 +100,31 @@ class EmbedParams(_Section):
 
 
 class CurateParams(_Section):
+    # text extrapolation
     k_neighbors: int = Field(5, ge=1, le=256, description="seed neighbours used for the text extrapolation")
     ridge: float = Field(0.01, ge=0, le=100.0, description="ridge term of the least-squares weights")
-    distance_k: int = Field(5, ge=1, le=256, description="neighbours averaged for the distance-to-seed score")
-    distance_percentile: float = Field(5.0, ge=0, le=100, description="seed's own kNN-similarity percentile used as the keep threshold")
-    leak_similarity: float = Field(0.95, ge=-1, le=1, description="image similarity to a seed test image above which a crawled image is a leak")
+    # similarity to the seed set, and the thresholds calibrated on the seed's own spread
+    seed_k: int = Field(5, ge=1, le=256, description="nearest seed images averaged into a similarity-to-seed score")
+    # duplicates and leaks: CLIP proposes, a perceptual hash confirms
+    near_duplicate_similarity: float = Field(0.9, ge=-1, le=1, description="CLIP similarity above which two crawled images are compared as possible copies")
+    near_duplicate_hash_distance: int = Field(8, ge=0, le=64, description="pHash bits within which a possible copy is a copy")
+    leak_hash_distance: int = Field(8, ge=0, le=64, description="pHash bits within which a crawled image copies a seed test image")
+    leak_similarity: float = Field(0.5, ge=-1, le=1, description="CLIP similarity to that test image needed to confirm a leak")
+    # detector 1: clusters per query
+    cluster_detector: bool = True
+    clusters_per_query: int = Field(8, ge=1, le=4096)
+    min_cluster_size: int = Field(5, ge=1)
+    cluster_percentile: float = Field(1.0, ge=0, le=100, description="clusters whose centre is less similar to the seed than this percentile of the seed's own spread are dropped")
+    # detector 2: a classifier trained on the seed classes
+    class_detector: bool = True
+    min_class_confidence: float = Field(0.5, ge=0, le=1)
+    classifier_c: float = Field(10.0, gt=0, description="inverse regularisation strength of the logistic regression")
+    # distance to the seed set, per image
+    distance_detector: Literal["auto", "on", "off"] = Field("auto", description="auto: on only when the seed set has no classes")
+    distance_percentile: float = Field(5.0, ge=0, le=100, description="images less similar to the seed than this percentile of the seed's own spread are dropped")
+    # faiss
+    exact_index_max: int = Field(20_000, ge=1, description="vectors up to which indexes are exact (flat); above, IVF")
+    nprobe: int = Field(4, ge=1, le=65_536, description="inverted lists searched per query in IVF indexes")
 
 
 class ReportParams(_Section):
@@ -72,16 +135,39 @@ class UNetParams(_Section):
     block_out_channels: list[int] = Field([16, 32, 32], min_length=1, max_length=6)
     layers_per_block: int = Field(1, ge=1, le=8)
     attention_head_dim: int = Field(32, ge=1, le=256, description="channels per attention head")
-    cross_attention_dim: int = Field(64, ge=8, le=4096)
-    condition_tokens: int = Field(4, ge=1, le=77, description="tokens the pooled text embedding is projected to")
+
+
+class DiTParams(_Section):
+    """A DiT-style transformer (diffusers' PixArtTransformer2DModel): patches, adaLN-single timestep, cross-attention to the condition."""
+
+    patch_size: int = Field(2, ge=1, le=16)
+    num_layers: int = Field(4, ge=1, le=64)
+    num_attention_heads: int = Field(4, ge=1, le=64)
+    attention_head_dim: int = Field(16, ge=4, le=256)
 
 
 class TrainParams(_Section):
-    """Shared by pretrain and finetune."""
+    """Shared by pretrain and finetune (finetune takes backbone, conditioning and VAE from the pretrained model)."""
 
-    resolution: int = Field(32, ge=8, le=1024)
-    batch_size: int = Field(32, ge=1, le=65_536)
+    resolution: int = Field(32, ge=8, le=1024, description="training image side in pixels (before the VAE, if any)")
+    batch_size: int = Field(32, ge=1, le=65_536, description="images per process per micro-batch")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    backbone: Literal["unet", "dit"] = "unet"
     unet: UNetParams = UNetParams()
+    dit: DiTParams = DiTParams()
+    vae: Optional[str] = Field(None, description="diffusers AutoencoderKL (local folder or hub name) to train in its latent space; null trains on pixels")
+    conditioning: Literal["pooled", "tokens", "image"] = Field(
+        "pooled", description="pooled CLIP text embedding (the paper's), per-token CLIP text states, or the CLIP image embedding"
+    )
+    condition_tokens: int = Field(4, ge=1, le=77, description="tokens a pooled or image embedding is projected to")
+    cross_attention_dim: int = Field(64, ge=8, le=4096, description="width of the condition tokens the backbone attends to")
+    train_text_encoder: bool = Field(False, description="fine-tune the CLIP text transformer (tokens conditioning only); frozen by default")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the denoiser")
+    deterministic: bool = Field(False, description="deterministic kernels (torch.use_deterministic_algorithms)")
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints in checkpoints/<phase>/")
+    checkpoints_kept: int = Field(2, ge=1, le=1000)
+    grid_samples: int = Field(8, ge=0, le=64, description="samples in the grid logged at each checkpoint; 0 = none")
     random_flip: bool = Field(True, description="mirror training images left-right; off when mirroring changes what the caption says")
     condition_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training on the NULL condition")
     num_train_timesteps: int = Field(1000, ge=10, le=10_000)
@@ -92,6 +178,12 @@ class TrainParams(_Section):
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
 
+    @model_validator(mode="after")
+    def _text_encoder(self) -> "TrainParams":
+        if self.train_text_encoder and self.conditioning != "tokens":
+            raise ValueError("train_text_encoder needs conditioning: tokens (pooled and image conditions are precomputed embeddings)")
+        return self
+
 
 class PhaseParams(_Section):
     steps: int = Field(ge=1, le=10_000_000)
@@ -99,10 +191,15 @@ class PhaseParams(_Section):
     warmup_steps: int = Field(0, ge=0)
 
 
+class PretrainParams(PhaseParams):
+    warm_start: bool = Field(False, description="start from the EMA weights of the last pretrain (checkpoints/pretrain) instead of from scratch")
+
+
 class EvaluateParams(_Section):
     num_samples: int = Field(200, ge=2, le=100_000)
     guidance_scale: float = Field(3.0, ge=0, le=100)
     sampling_steps: int = Field(25, ge=1, le=1000)
+    sampler: Literal["ddim", "dpm_solver"] = "ddim"
     batch_size: int = Field(100, ge=1, le=65_536)
 
 
@@ -117,7 +214,7 @@ class Params(_Section):
     curate: CurateParams = CurateParams()
     report: ReportParams = ReportParams()
     train: TrainParams = TrainParams()
-    pretrain: PhaseParams
+    pretrain: PretrainParams
     finetune: PhaseParams
     evaluate: EvaluateParams = EvaluateParams()
 

@@ -64,7 +64,7 @@ STATUS_SCHEMA = pa.schema(
 )
 
 # One row per crawled URL, written by `curate`: what happened to it and every score.
-DECISION_OUTCOMES = ("kept", "fetch_error", "refused", "duplicate", "leak", "distance")
+DECISION_OUTCOMES = ("kept", "fetch_error", "refused", "duplicate", "leak", "cluster", "class", "distance")
 DECISION_SCHEMA = pa.schema(
     [
         pa.field("url_id", pa.string(), nullable=False),
@@ -76,8 +76,13 @@ DECISION_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
         pa.field("seed_similarity", pa.float32()),
         pa.field("leak_similarity", pa.float32()),
+        pa.field("leak_hash_distance", pa.int32()),
         pa.field("leak_of", pa.string()),
         pa.field("duplicate_of", pa.string()),
+        pa.field("cluster", pa.string()),
+        pa.field("cluster_similarity", pa.float32()),
+        pa.field("predicted_class", pa.string()),
+        pa.field("class_confidence", pa.float32()),
     ]
 )
 

@@ -38,9 +38,13 @@ def seeded(tmp_path, png, make_params):
 def test_clip_trains_saves_and_loads_back(seeded):
     paths, params = seeded
     summary = clip.run(params, paths)
-    info = json.loads((paths.clip / clip.MODEL_INFO).read_text())
-    assert len(info["epoch_losses"]) == 12 and info["epoch_losses"][-1] < info["epoch_losses"][0]
-    assert summary["final_loss"] == info["epoch_losses"][-1]
+    epochs = json.loads((paths.clip / clip.MODEL_INFO).read_text())["epochs"]
+    assert 1 <= len(epochs) <= 12 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    best = min(epochs, key=lambda e: e["heldout_loss"])
+    assert summary["best_epoch"] == best["epoch"]
+    recall = json.loads((paths.metrics / "clip.json").read_text())
+    assert recall["test_images"] == 8 and recall["image_to_text_r5"] >= 0.5
+    assert all(0 <= recall[k] <= 1 for k in ("image_to_text_r1", "text_to_image_r1", "text_to_image_r5"))
 
     bundle = clip.load_clip(paths.clip)
     texts = bundle.encode_texts([f"a {c} square" for c in COLOURS])
@@ -49,6 +53,16 @@ def test_clip_trains_saves_and_loads_back(seeded):
     assert np.allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
     # After training, each colour's image is closest to its own caption.
     assert (images @ texts.T).argmax(axis=1).tolist() == [0, 1, 2, 3]
+
+
+def test_clip_stops_early_and_keeps_the_best_epoch(seeded):
+    paths, params = seeded
+    diverging = params.model_copy(update={"clip": params.clip.model_copy(update={"train_epochs": 30, "lr": 5.0, "patience": 2})})
+    clip.run(diverging, paths)
+    epochs = json.loads((paths.clip / clip.MODEL_INFO).read_text())["epochs"]
+    assert len(epochs) < 30  # stopped: the held-out loss stopped improving
+    best = min(range(len(epochs)), key=lambda e: epochs[e]["heldout_loss"] if epochs[e]["heldout_loss"] == epochs[e]["heldout_loss"] else float("inf"))
+    assert len(epochs) - 1 - best == 2
 
 
 def test_clip_bad_inputs(tmp_path, make_params):

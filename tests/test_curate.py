@@ -1,22 +1,20 @@
-"""Curate on embeddings built by hand, so every decision and extrapolation has a known answer."""
+"""Curate on hand-built embeddings and images, so every decision and extrapolation has a known answer."""
+import io
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from dextra.filter import curate
+from dextra.filter.dedup import LeakBank, exact_duplicates, hamming, near_duplicates, phash
+from dextra.filter.detectors import ClassDetector, cluster_detector, seed_spread_threshold
+from dextra.filter.extrapolate import extrapolate
+from dextra.filter.index import build_index, describe, search
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import (
-    CURATED_SCHEMA,
-    DECISION_SCHEMA,
-    STATUS_SCHEMA,
-    URL_SCHEMA,
-    read_table,
-    sha256_hex,
-    write_embeddings,
-    write_table,
-)
+from dextra.pipeline.shards import CURATED_SCHEMA, DECISION_SCHEMA, STATUS_SCHEMA, URL_SCHEMA, read_table, sha256_hex, write_embeddings, write_table
 
 DIM = 16
 
@@ -26,6 +24,25 @@ def unit(v):
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
+def blocks(seed: int, size: int = 48) -> Image.Image:
+    """A random 6x6 colour-block picture: distinct pictures get distant pHashes."""
+    cells = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(cells).resize((size, size), Image.Resampling.NEAREST)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+def copy_of(image: Image.Image) -> Image.Image:
+    """Cropped, mirrored, colour-shifted, resized: the transformations a leak survives."""
+    w, h = image.size
+    shifted = np.clip(np.asarray(image.crop((3, 2, w - 4, h - 1)), np.int16) + [25, -20, 10], 0, 255).astype(np.uint8)
+    return ImageOps.mirror(Image.fromarray(shifted)).resize((70, 70), Image.Resampling.BICUBIC)
+
+
 def test_extrapolation_recovers_known_weights():
     # Orthonormal neighbours: (F Fᵀ + λI) = (1 + λ) I, so w = w_true / (1 + λ) exactly.
     k, ridge = 3, 0.1
@@ -33,95 +50,170 @@ def test_extrapolation_recovers_known_weights():
     w_true = torch.tensor([[0.5, 0.3, 0.2]])
     target = (w_true.unsqueeze(-1) * neighbors).sum(1)
     texts = torch.eye(k, DIM).roll(5, dims=1).unsqueeze(0)
-    weights, text = curate.extrapolate(neighbors, target, texts, ridge)
+    weights, text = extrapolate(neighbors, target, texts, ridge)
     torch.testing.assert_close(weights, w_true / (1 + ridge))
-    expected = torch.nn.functional.normalize((w_true.unsqueeze(-1) * texts).sum(1), dim=-1)
-    torch.testing.assert_close(text, expected)
+    torch.testing.assert_close(text, torch.nn.functional.normalize((w_true.unsqueeze(-1) * texts).sum(1), dim=-1))
 
 
 def test_batched_extrapolation_matches_lstsq_per_image():
     rng = np.random.default_rng(0)
-    F = rng.normal(size=(7, 4, DIM)).astype(np.float64)
+    F = rng.normal(size=(7, 4, DIM))
     f = rng.normal(size=(7, DIM))
-    weights, _ = curate.extrapolate(torch.tensor(F), torch.tensor(f), torch.tensor(F), ridge=0.0)
+    weights, _ = extrapolate(torch.tensor(F), torch.tensor(f), torch.tensor(F), ridge=0.0)
     for i in range(7):
         expected, *_ = np.linalg.lstsq(F[i].T, f[i], rcond=None)
         np.testing.assert_allclose(weights[i].numpy(), expected, rtol=1e-6, atol=1e-8)
 
 
+def test_index_is_chosen_by_size_and_finds_neighbours():
+    assert describe(1000, 512, exact_max=5000, memory_budget_bytes=1 << 30) == "Flat"
+    assert describe(1_000_000, 512, exact_max=5000, memory_budget_bytes=2 << 30).startswith("IVF1024,SQfp16")
+    assert "PQ64x8" in describe(10_000_000, 512, exact_max=5000, memory_budget_bytes=2 << 30)
+    vectors = unit(np.random.default_rng(0).normal(size=(3000, DIM)))
+    for exact_max in (10_000, 100):  # flat, then IVF
+        scores, rows = search(build_index(vectors, exact_max=exact_max, nprobe=64), vectors[:50], 1)
+        assert (rows[:, 0] == np.arange(50)).mean() >= 0.95 and scores[:, 0].min() > 0.99
+
+
 def test_seed_threshold_is_the_seed_own_percentile():
     seed = unit(np.random.default_rng(1).normal(size=(50, DIM)))
-    low, high = curate.seed_similarity_threshold(seed, 3, 5), curate.seed_similarity_threshold(seed, 3, 95)
-    scores, _ = curate.knn(seed, seed, 4)
-    own = scores[:, 1:].mean(1)
-    assert low == pytest.approx(np.percentile(own, 5)) and low < high
+    index = build_index(seed)
+    low, high = seed_spread_threshold(index, seed, 3, 5), seed_spread_threshold(index, seed, 3, 95)
+    scores, _ = search(index, seed, 4)
+    assert low == pytest.approx(np.percentile(scores[:, 1:].mean(1), 5)) and low < high
 
 
-def build_fixture(root, png):
-    """Three seed clusters; crawled images that are near a cluster, far from all, a leak, a duplicate, errors."""
+def test_cluster_detector_separates_an_off_topic_cluster():
+    rng = np.random.default_rng(2)
+    centre, other = np.eye(DIM)[0], np.eye(DIM)[7]
+    seed = unit(centre + 0.1 * rng.normal(size=(40, DIM)))
+    crawl = unit(np.concatenate([centre + 0.1 * rng.normal(size=(20, DIM)), other + 0.1 * rng.normal(size=(20, DIM))]))
+    labels, similarity = cluster_detector(crawl, np.arange(40), ["q"] * 40, build_index(seed), 5, clusters_per_query=2, min_cluster_size=5, seed=0)
+    assert len(set(labels[:20])) == 1 and len(set(labels[20:])) == 1 and labels[0] != labels[20]
+    assert similarity[:20].min() > 0.8 and similarity[20:].max() < 0.3
+
+
+def test_class_detector_predicts_the_seed_class():
+    rng = np.random.default_rng(3)
+    centres = np.eye(3, DIM)
+    seed = unit(centres[np.arange(60) % 3] + 0.1 * rng.normal(size=(60, DIM)))
+    detector = ClassDetector(seed, [str(i % 3) for i in range(60)], regularisation=10, random_state=0)
+    predicted, confidence = detector.predict(unit(centres + 0.05 * rng.normal(size=(3, DIM))))
+    assert predicted.tolist() == ["0", "1", "2"] and confidence.min() > 0.5
+
+
+def test_leak_bank_finds_transformed_copies_only():
+    tests = [blocks(i) for i in range(5)]
+    bank = LeakBank([f"t{i}" for i in range(5)], [encode(t) for t in tests])
+    closest, matched = bank.matches([phash(encode(copy_of(tests[3]), "JPEG", 60)), phash(encode(blocks(99)))], 8)
+    assert closest[0] <= 8 and matched[0].tolist() == [3]
+    assert closest[1] > 16 and matched[1].tolist() == []
+
+
+def test_leak_bank_returns_every_test_image_within_reach():
+    twin = blocks(7)
+    bank = LeakBank(["a", "b", "c"], [encode(twin), encode(blocks(8)), encode(twin, "JPEG", 90)])
+    closest, matched = bank.matches([phash(encode(twin))], 4)
+    assert closest[0] == 0 and matched[0].tolist() == [0, 2]  # CLIP decides between look-alikes
+
+
+def test_duplicates_exact_and_near():
+    assert exact_duplicates(["a", "b", "c"], ["x", "y", "x"]) == {"c": "a"}
+    originals = [blocks(10 + i) for i in range(3)]
+    images = [encode(originals[0]), encode(originals[1]), encode(originals[0].crop((2, 2, 46, 44)).resize((64, 64))), encode(originals[2])]
+    neighbours = np.array([[2, 1], [0, 3], [0, 1], [1, 0]])
+    similarities = np.full((4, 2), 0.95)  # CLIP calls every pair a candidate; pHash must tell copies apart
+    found = near_duplicates(list("abcd"), neighbours, similarities, 0.9, [phash(b) for b in images], images.__getitem__, 8)
+    assert found == {"c": "a"}
+    assert near_duplicates(list("abcd"), neighbours, similarities, 0.99, [phash(b) for b in images], images.__getitem__, 8) == {}
+    assert hamming(np.frombuffer(phash(images[0]), np.uint8), np.frombuffer(phash(images[2]), np.uint8)) > 0
+
+
+def build_fixture(root):
+    """Three seed classes; crawled images near their class, of the wrong class, off-topic, copies and errors."""
     paths = Paths(root)
     rng = np.random.default_rng(0)
-    centers = unit(np.eye(3, DIM))
+    centres = unit(np.eye(3, DIM))
     caption_features = unit(np.roll(np.eye(3, DIM), 8, axis=1))
-    seed_ids = [f"s{i}" for i in range(30)]
-    seed_vectors = unit(centers[np.arange(30) % 3] + 0.05 * rng.normal(size=(30, DIM)))
+
+    def image_shard(path, ids, images, split, classes):
+        write_table(pa.table({
+            "id": ids, "image": images, "width": pa.array([48] * len(ids), pa.int32()), "height": pa.array([48] * len(ids), pa.int32()),
+            "captions": [[f"caption of {i}"] for i in ids], "split": [split] * len(ids), "class": pa.array(classes, pa.string()),
+            "source": ["test"] * len(ids), "url": pa.array([f"http://127.0.0.1/{i}" for i in ids], pa.string()), "sha256": [sha256_hex(b) for b in images],
+            **({"url_id": ids, "query": [f"class {c}" for c in classes]} if split == "extra" else {}),
+        }), path)
+
+    seed_ids = [f"s{i:02d}" for i in range(30)]
+    seed_images = [encode(blocks(100 + i)) for i in range(30)]
+    image_shard(paths.seed_split("train"), seed_ids, seed_images, "train", [str(i % 3) for i in range(30)])
+    write_embeddings(paths.embedding_file("seed_images", "train"), seed_ids, unit(centres[np.arange(30) % 3] + 0.05 * rng.normal(size=(30, DIM))))
     test_ids = [f"t{i}" for i in range(6)]
-    test_vectors = unit(centers[np.arange(6) % 3] + 0.05 * rng.normal(size=(6, DIM)))
-    write_embeddings(paths.embedding_file("seed_images", "train"), seed_ids, seed_vectors)
+    test_pictures = [blocks(200 + i) for i in range(6)]
+    image_shard(paths.seed_split("test"), test_ids, [encode(p) for p in test_pictures], "test", [str(i % 3) for i in range(6)])
+    test_vectors = unit(centres[np.arange(6) % 3] + 0.05 * rng.normal(size=(6, DIM)))
     write_embeddings(paths.embedding_file("seed_images", "test"), test_ids, test_vectors)
     caption_ids = [i for i in seed_ids for _ in range(2)]
     write_embeddings(
         paths.embedding_file("seed_captions", "train"), caption_ids,
         unit(caption_features[np.repeat(np.arange(30) % 3, 2)] + 0.01 * rng.normal(size=(60, DIM))),
-        extra={"caption": pa.array([f"caption of {i} cluster {int(i[1:]) % 3}" for i in caption_ids])},
+        extra={"caption": pa.array([f"caption of {i}" for i in caption_ids])},
     )
-    crawled = {  # url_id -> (status, vector, image colour)
-        "near0": ("ok", unit(centers[0] + 0.05 * rng.normal(size=DIM)), (255, 0, 0)),
-        "near1": ("ok", unit(centers[1] + 0.05 * rng.normal(size=DIM)), (0, 255, 0)),
-        "far": ("ok", unit(np.eye(DIM)[12]), (0, 0, 255)),
-        "leak": ("ok", test_vectors[2], (9, 9, 9)),
-        "zdup": ("ok", unit(centers[0] + 0.05 * rng.normal(size=DIM)), (255, 0, 0)),
-        "err": ("error", None, None),
-        "ref": ("refused", None, None),
+
+    near0 = blocks(300)
+    crawled = {  # url_id -> (status, class of its query, vector, image)
+        "a_near0": ("ok", "0", centres[0], encode(near0)),
+        "b_near1": ("ok", "1", centres[1], encode(blocks(301))),
+        "c_wrong": ("ok", "2", centres[0], encode(blocks(302))),
+        "d_leak": ("ok", "2", test_vectors[2], encode(copy_of(test_pictures[2]), "JPEG", 70)),
+        "e_exact": ("ok", "0", centres[0], encode(near0)),
+        "f_near": ("ok", "0", centres[0], encode(near0.resize((40, 40)), "JPEG", 80)),
+        "g_err": ("error", "0", None, None),
+        "h_ref": ("refused", "0", None, None),
     }
+    # Off-topic: a whole cluster of query "class 1" far from every seed image.
+    for i in range(6):
+        crawled[f"x_off{i}"] = ("ok", "1", np.eye(DIM)[12] + 0.05 * rng.normal(size=DIM), encode(blocks(400 + i)))
     ids = sorted(crawled)
     write_table(pa.table({
-        "url_id": ids, "url": [f"http://127.0.0.1/{i}.png" for i in ids], "text": ids,
-        "query": ["q"] * len(ids), "class": [None] * len(ids), "source": ["web"] * len(ids),
+        "url_id": ids, "url": [f"http://127.0.0.1/{i}" for i in ids], "text": ids,
+        "query": [f"class {crawled[i][1]}" for i in ids], "class": [crawled[i][1] for i in ids], "source": ["web"] * len(ids),
     }), paths.urls / "web.parquet", URL_SCHEMA)
     write_table(pa.table({
         "url_id": ids, "status": [crawled[i][0] for i in ids],
-        "error": [None if crawled[i][0] == "ok" else f"{crawled[i][0]} because" for i in ids],
-        "shard": [None] * len(ids),
+        "error": [None if crawled[i][0] == "ok" else f"{crawled[i][0]} because" for i in ids], "shard": [None] * len(ids),
     }), paths.crawl_status, STATUS_SCHEMA)
     ok = [i for i in ids if crawled[i][0] == "ok"]
-    images = [png(crawled[i][2]) for i in ok]
-    write_table(pa.table({
-        "id": ok, "image": images, "width": pa.array([16] * len(ok), pa.int32()), "height": pa.array([16] * len(ok), pa.int32()),
-        "captions": [[i] for i in ok], "split": ["extra"] * len(ok), "class": pa.array([None] * len(ok), pa.string()),
-        "source": ["web"] * len(ok), "url": [f"http://127.0.0.1/{i}.png" for i in ok], "sha256": [sha256_hex(b) for b in images],
-        "url_id": ok, "query": ["q"] * len(ok),
-    }), paths.crawl_shards / "run0-00000.parquet")
-    write_embeddings(paths.embedding_file("crawl_images", "run0-00000"), ok, np.stack([crawled[i][1] for i in ok]))
+    images = [crawled[i][3] for i in ok]
+    image_shard(paths.crawl_shards / "run0001-00000.parquet", ok, images, "extra", [crawled[i][1] for i in ok])
+    vectors = unit(np.stack([crawled[i][2] + 0.01 * rng.normal(size=DIM) for i in ok]))
+    write_embeddings(paths.embedding_file("crawl_images", "run0001-00000"), ok, vectors, extra={"phash": pa.array([phash(b) for b in images], pa.binary(8))})
     return paths, caption_features
 
 
-def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params, png):
-    paths, caption_features = build_fixture(tmp_path, png)
-    summary = curate.run(make_params(curate={"k_neighbors": 3, "distance_k": 3, "leak_similarity": 0.99}), paths)
+def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params):
+    paths, caption_features = build_fixture(tmp_path)
+    params = make_params(curate={
+        "k_neighbors": 3, "seed_k": 3, "clusters_per_query": 2, "min_cluster_size": 3, "cluster_percentile": 1,
+        "cluster_detector": True, "class_detector": True, "distance_detector": "auto",
+    })
+    summary = curate.run(params, paths)
 
     decisions = {r["url_id"]: r for r in read_table(paths.decisions, DECISION_SCHEMA).to_pylist()}
-    assert {u: d["outcome"] for u, d in decisions.items()} == {
-        "near0": "kept", "near1": "kept", "far": "distance", "leak": "leak",
-        "zdup": "duplicate", "err": "fetch_error", "ref": "refused",
+    outcomes = {u: d["outcome"] for u, d in decisions.items()}
+    assert outcomes == {
+        "a_near0": "kept", "b_near1": "kept", "c_wrong": "class", "d_leak": "leak",
+        "e_exact": "duplicate", "f_near": "duplicate", "g_err": "fetch_error", "h_ref": "refused",
+        **{f"x_off{i}": "cluster" for i in range(6)},
     }
-    assert decisions["zdup"]["duplicate_of"] == "near0"
-    assert decisions["leak"]["leak_of"] == "t2" and decisions["leak"]["leak_similarity"] == pytest.approx(1.0, abs=1e-3)
-    assert decisions["err"]["detail"] == "error because"
-    assert summary["outcomes"]["kept"] == 2
+    assert decisions["e_exact"]["duplicate_of"] == "a_near0" and decisions["f_near"]["duplicate_of"] == "a_near0"
+    assert decisions["d_leak"]["leak_of"] == "t2" and decisions["d_leak"]["leak_hash_distance"] <= 8
+    assert decisions["c_wrong"]["predicted_class"] == "0"
+    assert decisions["g_err"]["detail"] == "error because"
+    assert summary["outcomes"]["kept"] == 2 and "cluster" in summary["thresholds"]
 
-    kept = read_table(paths.curated_shards / "run0-00000.parquet", CURATED_SCHEMA).to_pylist()
-    assert sorted(r["id"] for r in kept) == ["near0", "near1"]
+    kept = read_table(paths.curated_shards / "run0001-00000.parquet", CURATED_SCHEMA).to_pylist()
+    assert sorted(r["id"] for r in kept) == ["a_near0", "b_near1"]
     for row in kept:
         cluster = int(row["id"][-1])
         assert all(int(n[1:]) % 3 == cluster for n in row["neighbor_ids"])
@@ -130,11 +222,25 @@ def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params, png
         assert float(np.dot(np.asarray(row["text_embedding"], np.float32), caption_features[cluster])) > 0.95
 
 
-def test_missing_inputs_name_the_file(tmp_path, make_params, png):
+def test_detectors_can_be_switched_off(tmp_path, make_params):
+    paths, _ = build_fixture(tmp_path)
+    curate.run(make_params(curate={"k_neighbors": 3, "seed_k": 3, "cluster_detector": False, "class_detector": False, "distance_detector": "off"}), paths)
+    outcomes = {r["url_id"]: r["outcome"] for r in read_table(paths.decisions, DECISION_SCHEMA).to_pylist()}
+    assert outcomes["c_wrong"] == "kept" and outcomes["x_off0"] == "kept" and outcomes["d_leak"] == "leak"
+
+
+def test_everything_dropped_leaves_empty_curated_shards(tmp_path, make_params):
+    paths, _ = build_fixture(tmp_path)
+    summary = curate.run(make_params(curate={"seed_k": 3, "class_detector": True, "min_class_confidence": 1.0, "cluster_detector": False}), paths)
+    assert "kept" not in summary["outcomes"]
+    assert read_table(paths.curated_shards / "run0001-00000.parquet", CURATED_SCHEMA).num_rows == 0
+
+
+def test_missing_inputs_name_the_file(tmp_path, make_params):
     with pytest.raises(InputError, match="status.parquet: not found"):
         curate.run(make_params(), Paths(tmp_path))
-    paths, _ = build_fixture(tmp_path, png)
-    paths.embedding_file("crawl_images", "run0-00000").unlink()
+    paths, _ = build_fixture(tmp_path)
+    paths.embedding_file("crawl_images", "run0001-00000").unlink()
     with pytest.raises(InputError, match="no embedding for crawled image"):
         curate.run(make_params(), paths)
     assert not paths.decisions.exists()

@@ -1,0 +1,106 @@
+"""curate's core at scale: synthetic unit vectors (d = 512, 10k seed images in 100 classes, 2k test images) with
+100k and 1M crawled images (in-domain, wrong-class, off-topic, near copies), no images, so copies are found by
+CLIP similarity alone. Each size runs in its own process, so its peak RSS is its own.
+
+    python bench/curate_scale.py [--sizes 100000 1000000]
+
+Targets (issue 4): 1M in < 10 min on 2 cores with peak RSS < 4 GiB; time grows ≤ 11x from 100k to 1M.
+Writes bench/results/curate_scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM, SEED_IMAGES, TEST_IMAGES, CLASSES = 512, 10_000, 2_000, 100
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def synthetic(n_crawl: int, rng: np.random.Generator):
+    from dextra.filter.curate import Crawl, Seed
+
+    centres = unit(rng.normal(size=(CLASSES, DIM)))
+    seed_classes = np.arange(SEED_IMAGES) % CLASSES
+    seed_vectors = unit(centres[seed_classes] + 0.6 * rng.normal(size=(SEED_IMAGES, DIM)) / np.sqrt(DIM) * 8)
+    seed = Seed(
+        ids=[f"s{i}" for i in range(SEED_IMAGES)], vectors=seed_vectors, classes=[str(c) for c in seed_classes],
+        caption_features=unit(rng.normal(size=(SEED_IMAGES, DIM))), first_captions=[f"class {c}" for c in seed_classes],
+        test_ids=[f"t{i}" for i in range(TEST_IMAGES)], test_vectors=unit(centres[np.arange(TEST_IMAGES) % CLASSES] + 0.6 * rng.normal(size=(TEST_IMAGES, DIM)) / np.sqrt(DIM) * 8),
+        test_images=None,
+    )
+    vectors = np.empty((n_crawl, DIM), np.float16)
+    query_class = rng.integers(0, CLASSES, n_crawl)
+    kind = rng.choice(4, n_crawl, p=[0.6, 0.15, 0.2, 0.05])  # in-domain, wrong class, off-topic, near copy
+    for start in range(0, n_crawl, 100_000):
+        end = min(n_crawl, start + 100_000)
+        k, q = kind[start:end], query_class[start:end]
+        shown = np.where(k == 1, (q + 1 + rng.integers(0, CLASSES - 1, end - start)) % CLASSES, q)
+        chunk = centres[shown] + 0.6 * rng.normal(size=(end - start, DIM)).astype(np.float32) / np.sqrt(DIM) * 8
+        chunk[k == 2] = rng.normal(size=((k == 2).sum(), DIM))
+        vectors[start:end] = unit(chunk)
+    copies = np.flatnonzero(kind == 3)
+    vectors[copies] = unit(vectors[np.maximum(copies - 1, 0)].astype(np.float32) + 0.02 * rng.normal(size=(len(copies), DIM)) / np.sqrt(DIM))
+    crawl = Crawl(
+        ids=[f"c{i:07d}" for i in range(n_crawl)], vectors=vectors, queries=[f"class {c}" for c in query_class],
+        classes=[str(c) for c in query_class], digests=[f"{i}" for i in range(n_crawl)], hashes=None, images=None,
+    )
+    return seed, crawl
+
+
+def measure(n_crawl: int) -> dict:
+    """Runs in a child process: build the data, time the core, report peak RSS."""
+    import torch
+
+    from dextra.filter.curate import curate_core
+    from dextra.pipeline.params import CurateParams
+
+    seed, crawl = synthetic(n_crawl, np.random.default_rng(0))
+    started = time.perf_counter()
+    decisions, extrapolation, _ = curate_core(seed, crawl, CurateParams(), 0, torch.device("cpu"))
+    seconds = time.perf_counter() - started
+    outcomes = dict(zip(*np.unique(decisions.outcome.astype(str), return_counts=True)))
+    return {
+        "crawled": n_crawl,
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "outcomes": {k: int(v) for k, v in outcomes.items()},
+        "kept": int(len(extrapolation.rows)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child)))
+        return
+    runs = []
+    for size in args.sizes:
+        out = subprocess.run([sys.executable, __file__, "--child", str(size)], capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{size:>9,} crawled: {runs[-1]['seconds']:7.1f} s, peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB, kept {runs[-1]['kept']:,}")
+    result = {"dim": DIM, "seed_images": SEED_IMAGES, "test_images": TEST_IMAGES, "runs": runs}
+    if len(runs) >= 2:
+        result["time_growth"] = round(runs[-1]["seconds"] / runs[0]["seconds"], 2)
+        result["size_growth"] = runs[-1]["crawled"] / runs[0]["crawled"]
+        print(f"time grows {result['time_growth']}x for {result['size_growth']:.0f}x the crawl")
+    from dextra.pipeline.atomic import write_json
+
+    write_json(ROOT / "bench" / "results" / "curate_scale.json", result)
+
+
+if __name__ == "__main__":
+    main()
