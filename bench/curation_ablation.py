@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.root).resolve()
     params = load_params(root / "params.yaml")
-    rows = {}
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         for part in ("urls", "crawl", "embeddings", "seed"):
@@ -54,13 +54,13 @@ def main() -> None:
             variant = params.model_copy(update={"curate": params.curate.model_copy(update=overrides)})
             curate.run(variant, Paths(scratch))
             scores = quality.score(*quality.load(scratch))
-            rows[name] = {
-                "precision": scores["kept"]["precision"], "recall": scores["kept"]["recall"], "kept": scores["kept"]["kept"],
+            rows.append({
+                "variant": name, "precision": scores["kept"]["precision"], "recall": scores["kept"]["recall"], "kept": scores["kept"]["kept"],
                 "class_accuracy": scores["extrapolation"]["class_accuracy"], "color_accuracy": scores["extrapolation"]["color_accuracy"],
                 "leaks_kept": scores["leak"]["kept"],
-            }
+            })
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            r = rows[name]
+            r = rows[-1]
             print(f"{name:28} precision {fmt(r['precision'])}  recall {fmt(r['recall'])}  kept {r['kept']:5}  class acc {fmt(r['class_accuracy'])}  colour acc {fmt(r['color_accuracy'])}  leaks kept {r['leaks_kept']}", flush=True)
     write_json(root / "bench" / "results" / "curation_ablation.json", {"variants": rows})
 

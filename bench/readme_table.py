@@ -25,8 +25,8 @@ def rows_curation_quality(r: dict) -> list[tuple[str, str, str]]:
 def rows_curation_ablation(r: dict) -> list[tuple[str, str, str]]:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     return [
-        (f"ablation: {name}", f"P {fmt(v['precision'])} / R {fmt(v['recall'])}", f"class acc {fmt(v['class_accuracy'])}, leaks kept {v['leaks_kept']}")
-        for name, v in r["variants"].items()
+        (f"ablation: {v['variant']}", f"P {fmt(v['precision'])} / R {fmt(v['recall'])}", f"class acc {fmt(v['class_accuracy'])}, leaks kept {v['leaks_kept']}")
+        for v in r["variants"]
     ]
 
 
