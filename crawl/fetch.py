@@ -1,118 +1,38 @@
-"""`fetch` stage: download, with img2dataset, the image of every URL that has no row in status.parquet yet.
+"""`fetch` stage: img2dataset downloads every URL that has no status row yet, plus the transient failures
+still under fetch.transient_retries, and each URL ends with exactly one row in data/crawl/status.parquet.
 
-Every URL ends with exactly one status row (ok, error or refused), so a URL is attempted once, ever:
-re-running with nothing new fetches nothing and touches no file, and appending to a list fetches only
-the appended URLs.
-
-Crash safety: a run writes its image shards (`run<N>-<k>.parquet`) first and status.parquet last, in one
-atomic rename. A shard that no status row names was left by a run killed before that rename; the next
-run deletes it, and since its URLs still have no status row they are fetched again. The img2dataset
-stats of such a run stay under stats/, as a log of the attempt.
+The stage decides what to fetch from its own record (crawl/status.py), not from img2dataset's incremental
+mode, which misses rows appended to a finished shard and never retries failures. While img2dataset runs, a
+thread commits each shard it finishes, so a run killed at any moment keeps those shards and the next run
+fetches only the rest. The guard (crawl/safety.py, crawl/worker.py) runs inside img2dataset's workers.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
-import re
-import shutil
 import signal
+import sys
+import tempfile
+import threading
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..pipeline.atomic import write_bytes
-from ..pipeline.manifest import Manifest, load_manifest
+from ..pipeline.errors import ParamsError
+from ..pipeline.manifest import load_manifest
 from ..pipeline.params import FetchParams, Params
 from ..pipeline.paths import Paths
-from ..pipeline.shards import (
-    STATUS_SCHEMA,
-    URL_SCHEMA,
-    read_table,
-    read_tables,
-    sha256_hex,
-    shard_files,
-    write_table,
-)
+from ..pipeline.shards import URL_SCHEMA, read_tables, sha256_hex, write_table
+from .safety import Policy
+from .status import CRAWL_STATUS_SCHEMA, commit, consolidate, crawl_lock, next_run, work_root
+from .worker import guarded_img2dataset, outcome
 
-MAX_URL_LENGTH = 2048
-_RUN_FILE = re.compile(r"^run(\d+)-")
-
-
-def stats_dir(paths: Paths) -> Path:
-    return paths.crawl / "stats"
-
-
-def _work_dir(paths: Paths) -> Path:
-    """img2dataset's input and output; only lives during a run."""
-    return paths.crawl / ".img2dataset"
-
-
-def refusal(url: str, manifest: Manifest) -> str | None:
-    """Why a URL is not fetched at all, or None. (Host checks are not done here yet.)"""
-    if len(url) > MAX_URL_LENGTH:
-        return f"URL is {len(url)} characters long (at most {MAX_URL_LENGTH})"
-    scheme = urlsplit(url).scheme
-    if scheme not in manifest.allowed_schemes:
-        allowed = ", ".join(manifest.allowed_schemes)
-        return f"scheme {scheme or '(none)'!r} is not allowed by manifest {manifest.name!r} (allowed: {allowed})"
-    return None
-
-
-def _discard_unfinished(paths: Paths, referenced: set[str]) -> None:
-    shutil.rmtree(_work_dir(paths), ignore_errors=True)
-    for folder in (paths.crawl, paths.crawl_shards, stats_dir(paths)):
-        for tmp in folder.glob(".*.tmp"):  # atomic writes cut short by a kill
-            shutil.rmtree(tmp, ignore_errors=True)
-    for shard in shard_files(paths.crawl_shards):
-        if shard.name not in referenced:
-            shard.unlink()
-
-
-def _next_run(paths: Paths) -> int:
-    names = [p.name for p in (*paths.crawl_shards.glob("run*"), *stats_dir(paths).glob("run*"))]
-    return 1 + max((int(m.group(1)) for m in map(_RUN_FILE.match, names) if m), default=0)
-
-
-def _download(table: pa.Table, work: Path, fetch: FetchParams) -> Path:
-    """Run img2dataset on `table`; returns its output folder (parquet shards and *_stats.json)."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations, imported by img2dataset, phones home
-    from img2dataset import download
-
-    write_table(table, work / "input.parquet", URL_SCHEMA)
-    out = work / "out"
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        download(
-            url_list=str(work / "input.parquet"),
-            output_folder=str(out),
-            input_format="parquet",
-            url_col="url",
-            caption_col="text",
-            save_additional_columns=["url_id", "query", "class", "source"],
-            output_format="parquet",
-            image_size=fetch.image_size,
-            resize_mode=fetch.resize_mode,
-            encode_format=fetch.encode_format,
-            encode_quality=fetch.encode_quality,
-            processes_count=fetch.processes,
-            thread_count=fetch.threads,
-            timeout=fetch.timeout_s,
-            retries=fetch.retries,
-            number_sample_per_shard=fetch.shard_size,
-            extract_exif=False,
-            compute_hash="sha256",
-            distributor="multiprocessing",
-            enable_wandb=False,
-        )
-    except SystemExit:
-        # img2dataset's Ctrl-C handler exits with status 0; DVC would then record a half-done fetch as done.
-        raise KeyboardInterrupt from None
-    finally:
-        signal.signal(signal.SIGINT, sigint)
-    return out
+USER_AGENT_TOKEN = "img2dataset"  # the name X-Robots-Tag directives address img2dataset crawlers by
+OUTCOMES = ("ok", "error", "refused", "opt-out")
 
 
 def _image_rows(ok: pa.Table, encode_format: str) -> pa.Table:
@@ -138,70 +58,175 @@ def _image_rows(ok: pa.Table, encode_format: str) -> pa.Table:
     )
 
 
-def _collect(out: Path, paths: Paths, run_name: str, encode_format: str) -> list[dict]:
-    """Write the run's image shards and stats; return one status row per URL img2dataset reported on."""
-    rows = []
-    for part in sorted(out.glob("*.parquet")):
-        name = f"{run_name}-{part.stem}.parquet"
-        table = pq.read_table(part).sort_by("key")  # img2dataset writes in completion order; key is input order
-        ok = table.filter(pc.equal(table["status"], "success"))
-        if ok.num_rows:
-            write_table(_image_rows(ok, encode_format), paths.crawl_shards / name)
+class _Committer:
+    """Commits each img2dataset shard once its stats file exists (img2dataset writes that file last)."""
+
+    def __init__(self, out: Path, paths: Paths, run_name: str, attempts: dict[str, int], encode_format: str):
+        self.out, self.paths, self.run_name, self.attempts, self.encode_format = out, paths, run_name, attempts, encode_format
+        self.committed: set[str] = set()
+        self.rows: list[dict] = []
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._poll, name="dextra-commit", daemon=True)
+
+    def _poll(self) -> None:
+        try:
+            while not self._stop.wait(0.5):
+                self.sweep()
+        except BaseException as exc:  # re-raised in the main thread by __exit__
+            self._error = exc
+
+    def sweep(self) -> None:
+        for stats_file in sorted(self.out.glob("*_stats.json")):
+            shard = stats_file.name.removesuffix("_stats.json")
+            if shard in self.committed:
+                continue
+            stats = stats_file.read_bytes()
+            try:
+                json.loads(stats)
+            except ValueError:
+                continue  # still being written
+            self._commit(shard, stats)
+
+    def _commit(self, shard: str, stats: bytes) -> None:
+        name = f"{self.run_name}-{shard}"
+        table = pq.read_table(self.out / f"{shard}.parquet").sort_by("key")  # completion order -> input order
+        rows = []
         for r in table.select(["url_id", "status", "error_message"]).to_pylist():
-            if r["status"] == "success":
-                rows.append({"url_id": r["url_id"], "status": "ok", "error": None, "shard": name})
-            else:
-                message = " ".join(str(r["error_message"]).split())  # OpenCV's messages span lines
-                rows.append({"url_id": r["url_id"], "status": "error", "error": f"{r['status']}: {message}", "shard": None})
-    for stats in sorted(out.glob("*_stats.json")):
-        write_bytes(stats_dir(paths) / f"{run_name}-{stats.name}", stats.read_bytes())
+            status, transient, error = outcome(r["status"], r["error_message"])
+            shard_file = f"{name}.parquet" if status == "ok" else None
+            rows.append({"url_id": r["url_id"], "status": status, "error": error, "shard": shard_file,
+                         "attempts": self.attempts.get(r["url_id"], 0) + 1, "transient": transient})
+        images = _image_rows(table.filter(pc.equal(table["status"], "success")), self.encode_format)
+        commit(self.paths, name, pa.Table.from_pylist(rows, CRAWL_STATUS_SCHEMA), images, stats)
+        self.committed.add(shard)
+        self.rows += rows
+
+    def __enter__(self) -> "_Committer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if exc_info[0] is None:
+            self.sweep()
+
+
+def _check_distributor(fetch: FetchParams) -> None:
+    """img2dataset's ray distributor silently does nothing when ray is missing: refuse up front instead."""
+    install = {"pyspark": "pip install -e '.[spark]'", "ray": "pip install ray"}.get(fetch.distributor)
+    if install and importlib.util.find_spec(fetch.distributor) is None:
+        raise ParamsError(f"fetch.distributor: {fetch.distributor} is not installed ({install})")
+    if fetch.distributor == "pyspark":
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors must import dextra from this environment
+
+
+def _download(todo: pa.Table, paths: Paths, run_name: str, attempts: dict[str, int], policy: Policy, fetch: FetchParams) -> list[dict]:
+    """Fetch `todo` with img2dataset through the guard; returns the status rows it committed."""
+    work_root(paths).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{run_name}-", dir=work_root(paths)))  # unique: a killed run's workers never write here
+    write_table(todo, work / "input.parquet", URL_SCHEMA)
+    out = work / "out"
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with _Committer(out, paths, run_name, attempts, fetch.encode_format) as committer, guarded_img2dataset(policy) as download:
+            download(
+                url_list=str(work / "input.parquet"),
+                output_folder=str(out),
+                input_format="parquet",
+                url_col="url",
+                caption_col="text",
+                save_additional_columns=["url_id", "query", "class", "source"],
+                output_format="parquet",
+                image_size=fetch.image_size,
+                resize_mode=fetch.resize_mode,
+                resize_only_if_bigger=fetch.resize_only_if_bigger,
+                encode_format=fetch.encode_format,
+                encode_quality=fetch.encode_quality,
+                processes_count=fetch.processes,
+                thread_count=fetch.threads,
+                timeout=fetch.timeout_s,
+                retries=0,  # a transient failure is retried by a later run, not at once
+                number_sample_per_shard=fetch.shard_size,
+                extract_exif=False,
+                compute_hash=None,  # the stage hashes the stored bytes itself
+                distributor=fetch.distributor,
+                enable_wandb=False,
+                user_agent_token=USER_AGENT_TOKEN,
+                disallowed_header_directives=list(fetch.opt_out),
+            )
+    except SystemExit:
+        # img2dataset's Ctrl-C handler exits with status 0; DVC would then record a half-done fetch as done.
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    rows = committer.rows
+    missing = sorted(set(todo["url_id"].to_pylist()) - {r["url_id"] for r in rows})
+    if missing:  # a shard img2dataset gave up on: transient, so a later run tries again
+        failed = [{"url_id": key, "status": "error", "error": "no result: img2dataset's shard failed (see its output above)",
+                   "shard": None, "attempts": attempts.get(key, 0) + 1, "transient": True} for key in missing]
+        commit(paths, f"{run_name}-unfinished", pa.Table.from_pylist(failed, CRAWL_STATUS_SCHEMA), None, None)
+        rows += failed
     return rows
+
+
+def _retryable(status: pa.Table, transient_retries: int) -> pa.ChunkedArray:
+    """Rows whose failure was transient and that have been tried at most `transient_retries` times."""
+    return pc.and_(status["transient"], pc.less_equal(status["attempts"], transient_retries))
+
+
+def _select(urls: pa.Table, status: pa.Table, transient_retries: int) -> tuple[pa.Table, dict]:
+    """The rows to fetch: never attempted, or failed transiently fewer than 1 + transient_retries times.
+    In manifest order, a URL in several lists is fetched once, with the text/query/class of the first."""
+    attempted = set(status["url_id"].to_pylist())
+    retryable = set(status.filter(_retryable(status, transient_retries))["url_id"].to_pylist())
+    seen: set[str] = set()
+    keep, new, duplicates = [], 0, 0
+    for i, key in enumerate(urls["url_id"].to_pylist()):
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        if key not in attempted or key in retryable:
+            keep.append(i)
+            new += key not in attempted
+    summary = {"listed": urls.num_rows, "new": new, "retried": len(keep) - new, "duplicates": duplicates}
+    return urls.take(pa.array(keep, pa.int64())), summary
+
+
+def _report(summary: dict, rows: list[dict], status: pa.Table, transient_retries: int) -> dict:
+    """`summary` with this run's outcomes, which are also printed as a table beside the totals of all runs."""
+    this_run = Counter(r["status"] for r in rows)
+    reasons = Counter(r["error"].split(": ")[0] for r in rows if r["status"] != "ok")
+    total = Counter(status["status"].to_pylist())
+    waiting = pc.sum(_retryable(status, transient_retries)).as_py() or 0
+    lines = [f"dextra fetch: {len(rows)} URLs fetched ({summary['new']} new, {summary['retried']} retried)",
+             f"  {'outcome':<10}{'this run':>10}{'all URLs':>10}"]
+    lines += [f"  {name:<10}{this_run.get(name, 0):>10}{total.get(name, 0):>10}" for name in OUTCOMES]
+    lines.append(f"  {waiting} transient error(s) will be retried by the next run (fetch.transient_retries: {transient_retries})")
+    if reasons:
+        lines.append("  reasons this run: " + ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common(10)))
+    print("\n".join(lines), flush=True)
+    outcomes = {name: this_run.get(name, 0) for name in OUTCOMES}
+    return {**summary, **outcomes, "transient": sum(r["transient"] for r in rows), "reasons": dict(reasons)}
 
 
 def run(params: Params, paths: Paths) -> dict:
     manifest = load_manifest(params.dataset, paths)
-    status = read_table(paths.crawl_status, STATUS_SCHEMA) if paths.crawl_status.exists() else STATUS_SCHEMA.empty_table()
-    _discard_unfinished(paths, set(status["shard"].drop_null().to_pylist()))
-
-    # In manifest order: a URL in several lists is fetched once, with the text/query/class of the first.
-    urls = read_tables([paths.urls / f"{s.name}.parquet" for s in manifest.sources], URL_SCHEMA)
-    attempted = set(status["url_id"].to_pylist())
-    first: set[str] = set()
-    keep, duplicates = [], 0
-    for i, key in enumerate(urls["url_id"].to_pylist()):
-        if key in first:
-            duplicates += 1
-            continue
-        first.add(key)
-        if key not in attempted:
-            keep.append(i)
-    todo = urls.take(pa.array(keep, pa.int64()))
-    summary = {"listed": urls.num_rows, "new": todo.num_rows, "duplicates": duplicates}
-    if not todo.num_rows:
-        return summary
-
-    new_rows, to_fetch = [], []
-    for i, (key, url) in enumerate(zip(todo["url_id"].to_pylist(), todo["url"].to_pylist())):
-        reason = refusal(url, manifest)
-        if reason:
-            new_rows.append({"url_id": key, "status": "refused", "error": reason, "shard": None})
-        else:
-            to_fetch.append(i)
-
-    if to_fetch:
-        summary["run"] = run_name = f"run{_next_run(paths):04d}"
-        fetch_table = todo.take(to_fetch)
-        out = _download(fetch_table, _work_dir(paths), params.fetch)
-        reported = _collect(out, paths, run_name, params.fetch.encode_format)
-        missing = set(fetch_table["url_id"].to_pylist()) - {r["url_id"] for r in reported}
-        new_rows += reported + [
-            {"url_id": key, "status": "error", "error": "no result from img2dataset (its shard failed)", "shard": None}
-            for key in sorted(missing)
-        ]
-    new_status = pa.Table.from_pylist(new_rows, schema=STATUS_SCHEMA)
-    write_table(pa.concat_tables([status, new_status]), paths.crawl_status, STATUS_SCHEMA)
-    shutil.rmtree(_work_dir(paths), ignore_errors=True)
-
-    outcomes = Counter(r["status"] for r in new_rows)
-    errors = Counter(r["error"].split(":")[0] for r in new_rows if r["status"] == "error")
-    return {**summary, **{k: outcomes.get(k, 0) for k in ("ok", "error", "refused")}, "errors": dict(errors)}
+    fetch = params.fetch
+    policy = Policy.from_params(fetch, manifest)
+    _check_distributor(fetch)
+    with crawl_lock(paths):
+        status = consolidate(paths)  # what a killed run committed counts; what it left half-done goes
+        urls = read_tables([paths.urls / f"{s.name}.parquet" for s in manifest.sources], URL_SCHEMA)
+        todo, summary = _select(urls, status, fetch.transient_retries)
+        if not todo.num_rows:
+            return summary
+        summary["run"] = run_name = next_run(paths)
+        attempts = dict(zip(status["url_id"].to_pylist(), status["attempts"].to_pylist()))
+        rows = _download(todo, paths, run_name, attempts, policy, fetch)
+        status = consolidate(paths)
+    return _report(summary, rows, status, fetch.transient_retries)

@@ -7,22 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import requests
 
 from ..pipeline.errors import InputError
 from ..pipeline.manifest import UrlSource, load_manifest
 from ..pipeline.params import Params
 from ..pipeline.paths import Paths
-from ..pipeline.shards import URL_SCHEMA, file_sha256, shard_files, write_table
+from ..pipeline.shards import URL_SCHEMA, shard_files, write_table
+from .download import download_file
 
-DOWNLOAD_ATTEMPTS = 3
-DOWNLOAD_TIMEOUT_S = 60
 _AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$", re.DOTALL)
 
 
@@ -44,36 +42,6 @@ def url_id(normalized_url: str) -> str:
 def download_path(paths: Paths, source: UrlSource) -> Path:
     """Downloaded lists are cached beside the parquet lists, so an unchanged manifest downloads nothing."""
     return paths.urls / "downloads" / f"{source.name}.{source.format}"
-
-
-def _download(source: UrlSource, dest: Path) -> Path:
-    """Fetch into <dest>.part, check the manifest's sha256, then rename; a mismatching file is kept as <dest>.bad."""
-    if dest.exists() and file_sha256(dest) == source.sha256:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    for attempt in range(DOWNLOAD_ATTEMPTS):
-        try:
-            with requests.get(source.url, stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                response.raise_for_status()
-                with open(part, "wb") as f:
-                    for block in response.iter_content(1 << 20):
-                        f.write(block)
-            break
-        except requests.RequestException as exc:
-            if attempt + 1 == DOWNLOAD_ATTEMPTS:
-                raise InputError(f"source {source.name}: cannot download {source.url} ({exc})") from None
-            time.sleep(2**attempt)
-    got = file_sha256(part)
-    if got != source.sha256:
-        bad = dest.with_name(dest.name + ".bad")
-        part.replace(bad)
-        raise InputError(
-            f"source {source.name}: {source.url} has sha256 {got} but the manifest expects {source.sha256} (kept as {bad})"
-        )
-    part.replace(dest)
-    dest.with_name(dest.name + ".bad").unlink(missing_ok=True)
-    return dest
 
 
 def _read_list(path: Path, fmt: str) -> pd.DataFrame:
@@ -133,7 +101,7 @@ def run(params: Params, paths: Paths) -> dict:
     # Read every source before writing any, so one broken source leaves all lists as they were.
     tables, summary = {}, {}
     for source in manifest.sources:
-        path = _download(source, download_path(paths, source)) if source.url else paths.root / source.path
+        path = download_file(source.url, download_path(paths, source), source.sha256, label=source.name) if source.url else paths.root / source.path
         tables[source.name], summary[source.name] = build_list(source, path)
     for name, table in tables.items():
         write_table(table, paths.urls / f"{name}.parquet", URL_SCHEMA)
@@ -141,7 +109,11 @@ def run(params: Params, paths: Paths) -> dict:
     for stem in removed:
         (paths.urls / f"{stem}.parquet").unlink()
     keep = {download_path(paths, s).name for s in manifest.sources if s.url}
-    for stale in (paths.urls / "downloads").glob("*"):
-        if stale.name.removesuffix(".part").removesuffix(".bad") not in keep:
+    for stale in (*paths.urls.glob(".*.tmp"), *(paths.urls / "downloads").glob("*")):  # .tmp: writes cut short by a kill
+        if stale.name.removesuffix(".json").removesuffix(".part").removesuffix(".bad") in keep:
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
             stale.unlink()
     return {"sources": summary, "removed": removed}

@@ -1,14 +1,13 @@
-"""The `urls` and `fetch` stages against a loopback HTTP server: nothing here leaves 127.0.0.1."""
+"""The `urls` and `fetch` stages end to end against a loopback server (tests/test_crawl_safety.py's web)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
 import random
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,76 +15,13 @@ import yaml
 from PIL import Image
 
 from dextra.crawl import fetch, urls
+from dextra.crawl.status import CRAWL_STATUS_SCHEMA
 from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.params import parse_params
-from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import IMAGE_SCHEMA, STATUS_SCHEMA, URL_SCHEMA, read_table, shard_files
+from tests.test_crawl_safety import REPO, Web, encoded, project, static, write_csv
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _encoded(size: tuple[int, int], fmt: str, colour: str) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, fmt)
-    return buf.getvalue()
-
-
-# path -> (HTTP status, content type, body)
-ROUTES = {
-    "/good.jpg": (200, "image/jpeg", _encoded((80, 40), "JPEG", "red")),
-    "/good.png": (200, "image/png", _encoded((50, 100), "PNG", "blue")),
-    "/new1.jpg": (200, "image/jpeg", _encoded((40, 40), "JPEG", "green")),
-    "/new2.jpg": (200, "image/jpeg", _encoded((40, 60), "JPEG", "yellow")),
-    "/missing.jpg": (404, "text/plain", b"not found"),
-    "/boom.jpg": (500, "text/plain", b"server error"),
-    "/corrupt.jpg": (200, "image/jpeg", random.Random(0).randbytes(2000)),
-    "/page.jpg": (200, "image/jpeg", b"<html><body>not an image</body></html>"),
-}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        path, _, _ = self.path.partition("?")
-        with self.server.lock:
-            self.server.requests[self.path] += 1
-        code, ctype, body = self.server.routes.get(path, (404, "text/plain", b"no such route"))
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.routes, httpd.requests, httpd.lock = dict(ROUTES), Counter(), threading.Lock()
-    httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _project(root: Path, sources: list[dict], allowed_schemes: list[str] = ("http", "https")):
-    """A repository root with manifests/t.yaml and the params of params.yaml, made small and quick."""
-    (root / "manifests").mkdir(parents=True, exist_ok=True)
-    manifest = {"name": "t", "seed": {"importer": "demo"}, "sources": sources, "allowed_schemes": list(allowed_schemes)}
-    (root / "manifests" / "t.yaml").write_text(yaml.safe_dump(manifest))
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["dataset"] = "t"
-    raw["fetch"].update(image_size=32, resize_mode="keep_ratio", processes=1, threads=4, timeout_s=5, shard_size=100)
-    return parse_params(raw), Paths(root)
-
-
-def _write_csv(path: Path, header: str, rows: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([header, *rows]) + "\n")
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -104,7 +40,7 @@ def test_normalize_url_and_stable_url_id():
 
 
 def test_urls_maps_columns_dedupes_and_drops_removed_sources(tmp_path):
-    _write_csv(
+    write_csv(
         tmp_path / "lists" / "a.csv",
         "link,alt,q,label",
         [
@@ -119,7 +55,7 @@ def test_urls_maps_columns_dedupes_and_drops_removed_sources(tmp_path):
         {"name": "a", "path": "lists/a.csv", "columns": {"url": "link", "text": "alt", "query": "q", "class": "label"}},
         {"name": "b", "path": "lists/b.jsonl", "format": "jsonl"},
     ]
-    params, paths = _project(tmp_path, sources)
+    params, paths = project(tmp_path, sources)
     summary = urls.run(params, paths)
     assert summary["sources"]["a"] == {"urls": 2, "duplicates": 1, "empty": 1}
 
@@ -138,25 +74,25 @@ def test_urls_maps_columns_dedupes_and_drops_removed_sources(tmp_path):
     assert b[0]["query"] is None and b[0]["class"] is None and b[0]["text"] == "x"
 
     before = read_table(paths.urls / "a.parquet", URL_SCHEMA)
-    params, paths = _project(tmp_path, sources[:1])
+    params, paths = project(tmp_path, sources[:1])
     assert urls.run(params, paths)["removed"] == ["b"]
     assert not (paths.urls / "b.parquet").exists()
     assert read_table(paths.urls / "a.parquet", URL_SCHEMA).equals(before)
 
 
 def test_urls_missing_list_or_url_column_names_the_file(tmp_path):
-    params, paths = _project(tmp_path, [{"name": "a", "path": "lists/nope.csv"}])
+    params, paths = project(tmp_path, [{"name": "a", "path": "lists/nope.csv"}])
     with pytest.raises(InputError, match="nope.csv"):
         urls.run(params, paths)
-    _write_csv(tmp_path / "lists" / "nourl.csv", "link,text", ["http://example.com/1.jpg,x"])
-    params, paths = _project(tmp_path, [{"name": "a", "path": "lists/nourl.csv"}])
+    write_csv(tmp_path / "lists" / "nourl.csv", "link,text", ["http://example.com/1.jpg,x"])
+    params, paths = project(tmp_path, [{"name": "a", "path": "lists/nourl.csv"}])
     with pytest.raises(InputError, match=r"nourl\.csv.*'url'"):
         urls.run(params, paths)
     assert not list(paths.urls.glob("*.parquet"))
 
 
 def test_manifest_and_fetch_params_are_checked_before_any_work(tmp_path):
-    params, paths = _project(tmp_path, [{"name": "a", "path": "a.csv"}, {"name": "a", "path": "b.csv"}])
+    params, paths = project(tmp_path, [{"name": "a", "path": "a.csv"}, {"name": "a", "path": "b.csv"}])
     with pytest.raises(ParamsError, match="unique"):
         urls.run(params, paths)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -165,80 +101,71 @@ def test_manifest_and_fetch_params_are_checked_before_any_work(tmp_path):
         parse_params(raw)
 
 
-def test_urls_downloads_a_list_and_checks_its_sha256(tmp_path, server):
-    body = b"url,text\nhttp://example.com/1.jpg,one\n"
-    server.routes["/list.csv"] = (200, "text/csv", body)
-    good = hashlib.sha256(body).hexdigest()
-    bad = "0" * 64
-    params, paths = _project(tmp_path, [{"name": "remote", "url": f"{server.base}/list.csv", "sha256": bad}])
-    with pytest.raises(InputError) as caught:
-        urls.run(params, paths)
-    assert "remote" in str(caught.value) and good in str(caught.value) and bad in str(caught.value)
-    assert not list(paths.urls.glob("*.parquet"))
-    assert (paths.urls / "downloads" / "remote.csv.bad").read_bytes() == body
-
-    params, paths = _project(tmp_path, [{"name": "remote", "url": f"{server.base}/list.csv", "sha256": good}])
-    urls.run(params, paths)
-    assert read_table(paths.urls / "remote.parquet", URL_SCHEMA)["url"].to_pylist() == ["http://example.com/1.jpg"]
-    assert not (paths.urls / "downloads" / "remote.csv.bad").exists()
-    requests_before = server.requests["/list.csv"]
-    urls.run(params, paths)  # a cached list with the right hash is not downloaded again
-    assert server.requests["/list.csv"] == requests_before
-
-
 # ---- fetch ------------------------------------------------------------------------------------------
 
-FAILURES = {  # path -> what its error message must say
-    "/missing.jpg": "404",
-    "/boom.jpg": "500",
-    "/corrupt.jpg": "failed_to_resize",
-    "/page.jpg": "failed_to_resize",
+IMAGES = {
+    "/good.jpg": encoded(Image.new("RGB", (80, 40), "red"), "JPEG"),
+    "/good.png": encoded(Image.new("RGB", (50, 100), "blue"), "PNG"),
+    "/new1.jpg": encoded(Image.new("RGB", (40, 40), "green"), "JPEG"),
+    "/new2.jpg": encoded(Image.new("RGB", (40, 60), "yellow"), "JPEG"),
+}
+FAILURES = {  # path -> (reply, what its error must say)
+    "/missing.jpg": (static(b"not found", 404), "HTTP 404: Not Found"),
+    "/corrupt.jpg": (static(random.Random(0).randbytes(2000)), "not an image: 2000 bytes of an unknown format"),
+    "/page.jpg": (static(b"<html><body>not an image</body></html>"), "not an image: an HTML or XML page"),
 }
 
 
 @pytest.fixture(scope="module")
-def crawled(tmp_path_factory, server):
+def web():
+    server = Web()
+    server.routes.update({path: static(body) for path, body in IMAGES.items()})
+    server.routes.update({path: reply for path, (reply, _) in FAILURES.items()})
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def crawled(tmp_path_factory, web):
     """One urls + fetch run over every kind of URL; what the tests need is read into memory right away."""
     root = tmp_path_factory.mktemp("crawl")
     local = root / "local.jpg"
-    local.write_bytes(ROUTES["/good.jpg"][2])
-    long_url = f"{server.base}/good.jpg?pad=" + "x" * 2100
+    local.write_bytes(IMAGES["/good.jpg"])
+    long_url = f"{web.base}/good.jpg?pad=" + "x" * 2100
     rows = [
-        f"{server.base}/good.jpg,a red thing,red,r",
-        f"{server.base}/good.png,,blue,b",
-        *(f"{server.base}{p},broken,broken,x" for p in FAILURES),
+        f"{web.base}/good.jpg,a red thing,red,r",
+        f"{web.base}/good.png,,blue,b",
+        *(f"{web.base}{p},broken,broken,x" for p in FAILURES),
         f"file://{local},a local file,red,r",
         f"{long_url},too long,red,r",
     ]
-    _write_csv(root / "lists" / "web.csv", "url,text,query,class", rows)
-    _write_csv(root / "lists" / "more.csv", "url,text,query,class", [f"{server.base.upper()}/good.jpg,again,red,r"])
+    write_csv(root / "lists" / "web.csv", "url,text,query,class", rows)
+    write_csv(root / "lists" / "more.csv", "url,text,query,class", [f"{web.base.upper()}/good.jpg,again,red,r"])
     sources = [{"name": "web", "path": "lists/web.csv"}, {"name": "more", "path": "lists/more.csv"}]
-    params, paths = _project(root, sources)
+    params, paths = project(root, sources, web=web)
     urls.run(params, paths)
-    server.requests.clear()
+    web.hits.clear()
     summary = fetch.run(params, paths)
     return {
         "root": root,
         "sources": sources,
         "summary": summary,
-        "requests": Counter(server.requests),
-        "status": read_table(paths.crawl_status, STATUS_SCHEMA).to_pylist(),
+        "hits": Counter(web.hits),
+        "status": read_table(paths.crawl_status, CRAWL_STATUS_SCHEMA).to_pylist(),
         "shards": {p.name: read_table(p, IMAGE_SCHEMA).to_pylist() for p in shard_files(paths.crawl_shards)},
         "url_ids": {r["url"]: r["url_id"] for p in shard_files(paths.urls) for r in read_table(p, URL_SCHEMA).to_pylist()},
         "long_url": long_url,
         "local": local,
-        "base": server.base,
     }
 
 
-def test_fetch_stores_resized_images_with_their_hash(crawled):
-    base = crawled["base"]
+def test_fetch_stores_resized_images_with_their_hash(crawled, web):
     rows = [r for shard in crawled["shards"].values() for r in shard]
     by_url = {r["url"]: r for r in rows}
-    assert set(by_url) == {f"{base}/good.jpg", f"{base}/good.png"}
-    assert crawled["requests"]["/good.jpg"] == 1  # listed twice (case of the host differs), fetched once
+    assert set(by_url) == {f"{web.base}/good.jpg", f"{web.base}/good.png"}
+    assert crawled["hits"]["/good.jpg"] == 1  # listed twice (case of the host differs), fetched once
     for url, (original, stored) in {"good.jpg": ((80, 40), (64, 32)), "good.png": ((50, 100), (32, 64))}.items():
-        row = by_url[f"{base}/{url}"]
+        row = by_url[f"{web.base}/{url}"]
         image = Image.open(io.BytesIO(row["image"]))
         image.load()
         assert image.format == "JPEG" and image.size == stored == (row["width"], row["height"])
@@ -246,55 +173,84 @@ def test_fetch_stores_resized_images_with_their_hash(crawled):
         assert row["sha256"] == hashlib.sha256(row["image"]).hexdigest()
         assert row["id"] == row["url_id"] == crawled["url_ids"][row["url"]]
         assert row["split"] == "extra" and row["source"] == "web"
-    assert by_url[f"{base}/good.jpg"]["captions"] == ["a red thing"]
-    assert by_url[f"{base}/good.jpg"]["query"] == "red" and by_url[f"{base}/good.jpg"]["class"] == "r"
-    assert by_url[f"{base}/good.png"]["captions"] == []
+    assert by_url[f"{web.base}/good.jpg"]["captions"] == ["a red thing"]
+    assert by_url[f"{web.base}/good.jpg"]["query"] == "red" and by_url[f"{web.base}/good.jpg"]["class"] == "r"
+    assert by_url[f"{web.base}/good.png"]["captions"] == []
 
 
-def test_fetch_writes_one_status_row_per_url(crawled):
+def test_fetch_writes_one_status_row_per_url(crawled, web):
     status = {r["url_id"]: r for r in crawled["status"]}
-    assert len(status) == len(crawled["status"]) == len(crawled["url_ids"]) == 8  # good.jpg is in both lists
-    for path, says in FAILURES.items():
-        row = status[crawled["url_ids"][crawled["base"] + path]]
-        assert row["status"] == "error" and says in row["error"] and row["shard"] is None
+    assert len(status) == len(crawled["status"]) == len(crawled["url_ids"]) == 7  # good.jpg is in both lists
+    for path, (_, says) in FAILURES.items():
+        row = status[crawled["url_ids"][web.base + path]]
+        assert (row["status"], row["error"], row["shard"], row["transient"]) == ("error", says, None, False)
     ok = [r for r in crawled["status"] if r["status"] == "ok"]
     assert {r["shard"] for r in ok} == set(crawled["shards"]) and len(ok) == 2
+    assert all(r["attempts"] == 1 for r in crawled["status"])
     assert crawled["summary"] == {
-        "listed": 9, "new": 8, "duplicates": 1, "run": "run0001", "ok": 2, "error": 4, "refused": 2,
-        "errors": {"failed_to_download": 2, "failed_to_resize": 2},
+        "listed": 8, "new": 7, "retried": 0, "duplicates": 1, "run": "run0001", "ok": 2, "error": 3, "refused": 2,
+        "opt-out": 0, "transient": 0, "reasons": {"HTTP 404": 1, "not an image": 2, "refused URL": 2},
     }
-    assert (crawled["root"] / "data" / "crawl" / "stats" / "run0001-00000_stats.json").exists()
+    assert json.loads((crawled["root"] / "data" / "crawl" / "stats" / "run0001-00000_stats.json").read_text())["count"] == 7
+    assert not (crawled["root"] / "data" / "crawl" / "journal").exists()
 
 
 def test_fetch_refuses_disallowed_scheme_and_long_url_without_fetching(crawled):
     status = {r["url_id"]: r for r in crawled["status"]}
     local = status[crawled["url_ids"][f"file://{crawled['local']}"]]
-    assert local["status"] == "refused" and "scheme 'file'" in local["error"]
+    assert local["status"] == "refused" and "scheme 'file' is not allowed" in local["error"]
     long = status[crawled["url_ids"][crawled["long_url"]]]
     assert long["status"] == "refused" and "2048" in long["error"]
-    assert not [path for path in crawled["requests"] if "pad=" in path]
+    assert sum(crawled["hits"].values()) == 5
 
 
-def test_fetch_again_fetches_only_new_urls(crawled, server):
-    root, base = crawled["root"], crawled["base"]
-    params, paths = _project(root, crawled["sources"])
+def test_fetch_again_fetches_only_new_urls(crawled, web, capsys):
+    root = crawled["root"]
+    params, paths = project(root, crawled["sources"], web=web)
     before = _snapshot(paths.crawl)
-    server.requests.clear()
-    assert fetch.run(params, paths) == {"listed": 9, "new": 0, "duplicates": 1}
-    assert _snapshot(paths.crawl) == before and not server.requests
+    web.hits.clear()
+    assert fetch.run(params, paths) == {"listed": 8, "new": 0, "retried": 0, "duplicates": 1}
+    assert _snapshot(paths.crawl) == before and not web.hits
 
-    # a run killed before writing status.parquet left a shard behind: it is discarded, its URLs refetched
+    # a run killed mid-commit left an image shard no status row names: it is discarded, its URLs fetched again
     (paths.crawl_shards / "run0002-00000.parquet").write_bytes(b"half a shard")
+    # a row appended to a list, and a new list that also holds an image fetched before
     with open(root / "lists" / "web.csv", "a") as f:
-        f.write(f"{base}/new1.jpg,new one,green,g\n{base}/new2.jpg,new two,yellow,y\n")
+        f.write(f"{web.base}/new1.jpg,new one,green,g\n")
+    write_csv(root / "lists" / "extra.csv", "url,text,query,class", [f"{web.base}/new2.jpg,new two,yellow,y", f"{web.base}/good.png,,b,b"])
+    params, paths = project(root, [*crawled["sources"], {"name": "extra", "path": "lists/extra.csv"}], web=web)
     urls.run(params, paths)
+    capsys.readouterr()
     summary = fetch.run(params, paths)
+    assert summary["listed"] == 11 and summary["duplicates"] == 2
     assert summary["new"] == 2 and summary["ok"] == 2 and summary["run"] == "run0002"
-    assert server.requests == Counter({"/new1.jpg": 1, "/new2.jpg": 1})
+    assert web.hits == Counter({"/new1.jpg": 1, "/new2.jpg": 1})
+    table = capsys.readouterr().out
+    assert "2 URLs fetched (2 new, 0 retried)" in table and "  ok                 2         4" in table
     after = _snapshot(paths.crawl)
     assert all(after[name] == value for name, value in before.items() if name.startswith("shards/"))
     new_shard = read_table(paths.crawl_shards / "run0002-00000.parquet", IMAGE_SCHEMA)
-    assert sorted(new_shard["url"].to_pylist()) == [f"{base}/new1.jpg", f"{base}/new2.jpg"]
+    assert sorted(new_shard["url"].to_pylist()) == [f"{web.base}/new1.jpg", f"{web.base}/new2.jpg"]
     status = read_table(paths.crawl_status, STATUS_SCHEMA)
-    assert status.num_rows == 10 and len(set(status["url_id"].to_pylist())) == 10
+    assert status.num_rows == 9 and len(set(status["url_id"].to_pylist())) == 9
     assert not (paths.crawl / ".img2dataset").exists()
+
+
+def test_a_second_fetch_on_the_same_folder_is_refused(crawled, web):
+    from dextra.crawl.status import crawl_lock
+
+    params, paths = project(crawled["root"], crawled["sources"], web=web)
+    with crawl_lock(paths):
+        with pytest.raises(InputError, match="another `dextra fetch` is running"):
+            fetch.run(params, paths)
+
+
+def test_fetch_params_are_checked(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["fetch"].update(distributor="dask")
+    with pytest.raises(ParamsError, match="fetch.distributor"):
+        parse_params(raw)
+    if importlib.util.find_spec("ray") is None:  # img2dataset would silently fetch nothing
+        params, paths = project(tmp_path, [], distributor="ray")
+        with pytest.raises(ParamsError, match=r"^fetch\.distributor: ray is not installed \(pip install ray\)$"):
+            fetch.run(params, paths)

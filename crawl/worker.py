@@ -1,0 +1,215 @@
+"""The guard inside img2dataset's workers.
+
+img2dataset takes no fetch function: each worker calls `img2dataset.downloader.download_image`, which opens
+any URL with plain urllib (following redirects anywhere, reading file://, whole bodies, no time limit), then
+decodes whatever came back. What every distributor ships to its workers (spawned processes, Spark executors,
+Ray workers) is the Downloader object. So `guarded_img2dataset` has img2dataset build a `GuardedDownloader`,
+which unpickles in the worker from this module and, around each shard, swaps `download_image` for
+`download_image` below (the opener of crawl/safety.py, byte and time limits, opt-out headers) and puts
+crawl/images.py's checks in front of the resizer.
+
+The outcome of each URL has to come back through img2dataset's one free-text column, error_message, so
+messages start with a kind: `refused`, `opt-out`, `transient` or `permanent` (see `outcome`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import http.client
+import io
+import multiprocessing
+import os
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from urllib.error import HTTPError, URLError
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+
+from img2dataset import downloader as img2dataset_downloader  # noqa: E402
+from img2dataset.downloader import Downloader, is_disallowed  # noqa: E402
+from img2dataset.logger import LoggerProcess  # noqa: E402
+
+from .images import UnusableImage, check_image  # noqa: E402
+from .safety import Policy, Refused, build_opener, url_refusal  # noqa: E402
+
+img2dataset_main = importlib.import_module("img2dataset.main")  # the package's `main` attribute is a function
+
+REFUSED, OPT_OUT, TRANSIENT, PERMANENT = "refused", "opt-out", "transient", "permanent"
+USER_AGENT = "Mozilla/5.0 (compatible; dextra; {token}; +https://github.com/rom1504/img2dataset)"
+CHUNK = 1 << 16
+_watching = False  # whether die_with_parent's thread runs in this process
+
+
+class Failure(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+
+
+def outcome(img2dataset_status: str, error_message: str | None) -> tuple[str, bool, str | None]:
+    """(status, transient, error) of a status row, from img2dataset's status and error_message columns."""
+    if img2dataset_status == "success":
+        return "ok", False, None
+    kind, _, message = (error_message or "").partition(": ")
+    if kind in (REFUSED, OPT_OUT):
+        return kind, False, message
+    if kind in (TRANSIENT, PERMANENT):
+        return "error", kind == TRANSIENT, message
+    return "error", False, f"{img2dataset_status}: {error_message}"  # not from this module: img2dataset's own
+
+
+def _network_failure(exc: BaseException) -> Failure:
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return Failure(TRANSIENT, "timed out: no answer within fetch.timeout_s")
+    if isinstance(exc, socket.gaierror):
+        kind = TRANSIENT if exc.errno == socket.EAI_AGAIN else PERMANENT
+        return Failure(kind, f"unknown host: {exc.strerror}")
+    if isinstance(exc, (ConnectionError, http.client.IncompleteRead, http.client.BadStatusLine)):
+        return Failure(TRANSIENT, f"connection failed: {getattr(exc, 'strerror', None) or exc}")
+    if isinstance(exc, ssl.SSLError):
+        return Failure(PERMANENT, f"TLS error: {exc}")
+    if isinstance(exc, FileNotFoundError):
+        return Failure(PERMANENT, f"no such file: {exc.filename}")
+    return Failure(PERMANENT, f"fetch failed: {type(exc).__name__}: {exc}")
+
+
+def _read_body(response, policy: Policy, deadline: float) -> bytes:
+    """The body, read in chunks so that max_bytes and max_seconds hold however the server sends it."""
+    declared = response.headers.get("Content-Length", "").strip()
+    declared = int(declared) if declared.isdigit() else None
+    if declared is not None and declared > policy.max_bytes:
+        raise Failure(PERMANENT, f"too large: Content-Length {declared:,} is over fetch.max_bytes ({policy.max_bytes:,}); not read")
+    # read1 returns what has arrived, so a drip cannot hold a read: a transfer ends within max_seconds plus one
+    # read timeout (each read, like the connect and each redirect hop, is bounded by min(timeout_s, max_seconds))
+    read = getattr(response, "read1", response.read)
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise Failure(TRANSIENT, f"too slow: not finished after fetch.max_seconds ({policy.max_seconds:g} s), {size:,} bytes read")
+        chunk = read(CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > policy.max_bytes:
+            raise Failure(PERMANENT, f"too large: body is over fetch.max_bytes ({policy.max_bytes:,}); cut off")
+        chunks.append(chunk)
+    if declared is not None and size < declared:
+        raise Failure(TRANSIENT, f"truncated: body ended after {size:,} of the {declared:,} bytes of its Content-Length")
+    return b"".join(chunks)
+
+
+def fetch_bytes(url: str, policy: Policy, opener: urllib.request.OpenerDirector, timeout: float,
+                user_agent_token: str | None, opt_out: set[str] | None) -> bytes:
+    """The body of `url`, or a Failure saying why not and whether a later run may try again."""
+    reason = url_refusal(url, policy.schemes)
+    if reason:
+        raise Failure(REFUSED, f"refused URL: {reason}")
+    deadline = time.monotonic() + policy.max_seconds
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT.format(token=user_agent_token or "img2dataset")})
+    try:
+        with opener.open(request, timeout=min(timeout, policy.max_seconds)) as response:
+            if opt_out and is_disallowed(response.headers, user_agent_token, opt_out):
+                raise Failure(OPT_OUT, f"opt-out: X-Robots-Tag: {'; '.join(response.headers.get_all('X-Robots-Tag'))}")
+            return _read_body(response, policy, deadline)
+    except Refused as exc:
+        raise Failure(REFUSED, str(exc)) from None
+    except HTTPError as exc:
+        exc.close()
+        if 300 <= exc.code < 400:
+            raise Failure(PERMANENT, f"redirect loop: more than 10 redirects, or one URL 4 times (last HTTP {exc.code})") from None
+        transient = exc.code in (408, 425, 429) or exc.code >= 500
+        raise Failure(TRANSIENT if transient else PERMANENT, f"HTTP {exc.code}: {exc.reason}") from None
+    except URLError as exc:
+        if isinstance(exc.reason, BaseException):
+            raise _network_failure(exc.reason) from None
+        raise Failure(PERMANENT, f"fetch failed: {exc.reason}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _network_failure(exc) from None
+
+
+def download_image(row, timeout, user_agent_token, disallowed_header_directives, *, policy: Policy, opener):
+    """img2dataset.downloader.download_image's signature and return value, fetching through the guard."""
+    key, url = row
+    try:
+        return key, io.BytesIO(fetch_bytes(url, policy, opener, timeout, user_agent_token, disallowed_header_directives)), None
+    except Failure as exc:
+        return key, None, str(exc)
+
+
+class CheckedResizer:
+    """img2dataset's Resizer behind crawl/images.py's checks; its own errors become permanent failures."""
+
+    def __init__(self, resizer, max_pixels: int):
+        self.resizer = resizer
+        self.max_pixels = max_pixels
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        try:
+            data = check_image(img_stream.getvalue(), self.max_pixels)
+        except UnusableImage as exc:
+            return None, None, None, None, None, f"{PERMANENT}: {exc}"
+        *result, error = self.resizer(io.BytesIO(data), blurring_bbox_list)
+        if error is not None:
+            return None, None, None, None, None, f"{PERMANENT}: cannot decode or resize: {' '.join(str(error).split())}"
+        return (*result, None)
+
+
+def die_with_parent() -> None:
+    """End this worker soon after the process that started it dies: after a `kill -9` of a run, an orphaned
+    worker would go on fetching for a run that can no longer commit anything. A thread watching the parent
+    pid, not prctl(PR_SET_PDEATHSIG): that signal follows the parent *thread*, and multiprocessing's pool
+    starts replacement workers from a thread it ends in terminate(), killing workers that hold its queue lock."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dextra-parent-watch", daemon=True).start()
+
+
+class GuardedDownloader(Downloader):
+    """img2dataset's Downloader, fetching and checking through the guard in whatever process runs the shard."""
+
+    def __init__(self, *args, policy: Policy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy = policy
+        self.resizer = CheckedResizer(self.resizer, policy.max_pixels)
+
+    def __call__(self, row):
+        die_with_parent()
+        guarded = functools.partial(download_image, policy=self.policy, opener=build_opener(self.policy))
+        original, img2dataset_downloader.download_image = img2dataset_downloader.download_image, guarded
+        try:
+            return super().__call__(row)
+        finally:
+            img2dataset_downloader.download_image = original
+
+
+class _LoggerProcess(LoggerProcess):
+    """img2dataset's stats logger, which otherwise polls forever once its run is killed."""
+
+    def run(self):
+        die_with_parent()
+        super().run()
+
+
+@contextlib.contextmanager
+def guarded_img2dataset(policy: Policy):
+    """Yield img2dataset.download, set up to build GuardedDownloaders (and loggers that die with the run)."""
+    saved = img2dataset_main.Downloader, img2dataset_main.LoggerProcess
+    img2dataset_main.Downloader = functools.partial(GuardedDownloader, policy=policy)
+    img2dataset_main.LoggerProcess = _LoggerProcess
+    try:
+        yield img2dataset_main.download
+    finally:
+        img2dataset_main.Downloader, img2dataset_main.LoggerProcess = saved
