@@ -1,4 +1,6 @@
-"""pretrain / finetune / evaluate on tiny fixtures: real diffusers models and real (short) training runs."""
+"""pretrain / finetune / evaluate on tiny fixtures: real diffusers models and real (short) training runs.
+
+Resuming after SIGKILL under DVC and the 2-process run are in test_train_scale.py (slow)."""
 from __future__ import annotations
 
 import io
@@ -12,23 +14,26 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
-from diffusers import DDIMScheduler
+from accelerate.state import AcceleratorState
+from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
 from PIL import Image
 
 from dextra.filter import clip as clip_stage
 from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.params import parse_params
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import IMAGE_SCHEMA, sha256_hex, write_embeddings, write_table
-from dextra.train import evaluate, finetune, pretrain
-from dextra.train.data import load_seed
+from dextra.pipeline.shards import IMAGE_SCHEMA, read_embeddings, sha256_hex, write_embeddings, write_table
+from dextra.train import checkpoint, data as data_module, evaluate, finetune, pretrain
+from dextra.train.data import DataStream, Encoding, cache_dir, load_extra, load_seed
 from dextra.train.evaluate import ClipFeatures, clip_fd
-from dextra.train.model import Denoiser, build_denoiser
+from dextra.train.model import ConditionProjector, Denoiser, TokenConditioner, build_denoiser, load_vae
 from dextra.train.sampling import null_guidance, sample
+from dextra.train.trainer import make_accelerator
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16  # condition (caption embedding) dimension of the fixtures
 COLOURS = np.array([[230, 40, 40], [40, 40, 230]], np.uint8)
+NAMES = ["red", "blue"]
 
 
 def make_params(**sections):
@@ -37,14 +42,21 @@ def make_params(**sections):
     raw["train"].update(
         resolution=16,
         batch_size=8,
-        unet=dict(block_out_channels=[32, 32], layers_per_block=1, attention_head_dim=8, cross_attention_dim=32, condition_tokens=2),
+        unet=dict(block_out_channels=[32, 32], layers_per_block=1, attention_head_dim=8),
+        dit=dict(patch_size=2, num_layers=2, num_attention_heads=2, attention_head_dim=16),
+        cross_attention_dim=32,
+        condition_tokens=2,
         log_every=5,
+        grid_samples=4,
     )
     raw["pretrain"] = dict(steps=10, lr=2e-3, warmup_steps=2)
     raw["finetune"] = dict(steps=10, lr=1e-3, warmup_steps=0)
     raw["evaluate"] = dict(num_samples=12, guidance_scale=2.0, sampling_steps=3, batch_size=8)
     for name, values in sections.items():
-        raw[name].update(values)
+        if isinstance(values, dict):
+            raw[name].update(values)
+        else:
+            raw[name] = values
     return parse_params(raw)
 
 
@@ -79,15 +91,19 @@ def image_table(ids, blobs, captions, split) -> pa.Table:
     )
 
 
-def write_curated(paths: Paths, n: int = 32) -> np.ndarray:
-    """Red or blue squares; the condition says which (one fixed vector per colour, returned): trivially learnable."""
-    rng = np.random.default_rng(1)
+def write_curated(paths: Paths, n: int = 32, shard: str = "part-0", seed: int = 1) -> np.ndarray:
+    """Red or blue squares; the condition says which (one fixed vector per colour, returned): trivially learnable.
+    Each row also has neighbour captions (the best-weighted names its colour) and a CLIP image embedding."""
+    rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
-    directions = unit(rng, 2)
-    blobs = [png(COLOURS[k], 24, rng) for k in labels]
-    table = image_table([f"web{i}" for i in range(n)], blobs, [["x"]] * n, "extra")
-    embedding = pa.array([directions[k].astype(np.float16) for k in labels], pa.list_(pa.float16()))
-    write_table(table.append_column("text_embedding", embedding), paths.curated_shards / "part-0.parquet")
+    directions = unit(np.random.default_rng(1), 2)
+    ids = [f"{shard}-web{i}" for i in range(n)]
+    table = image_table(ids, [png(COLOURS[k], 24, rng) for k in labels], [["x"]] * n, "extra")
+    table = table.append_column("text_embedding", pa.array([directions[k].astype(np.float16) for k in labels], pa.list_(pa.float16())))
+    table = table.append_column("neighbor_captions", pa.array([[f"a {NAMES[1 - k]} square", f"a {NAMES[k]} square"] for k in labels]))
+    table = table.append_column("neighbor_weights", pa.array([[0.2, 0.8]] * n, pa.list_(pa.float32())))
+    write_table(table, paths.curated_shards / f"{shard}.parquet")
+    write_embeddings(paths.embedding_file("crawl_images", shard), ids, directions[labels])
     return directions.astype(np.float16).astype(np.float32)
 
 
@@ -95,7 +111,7 @@ def write_seed(paths: Paths, split: str, n: int, captions_per_image: int = 2) ->
     rng = np.random.default_rng({"train": 2, "test": 3}[split])
     ids = [f"{split}{i}" for i in range(n)]
     labels = rng.integers(0, 2, n)
-    captions = [[f"a {['red', 'blue'][k]} square number {j}" for j in range(captions_per_image)] for k in labels]
+    captions = [[f"a {NAMES[k]} square number {j}" for j in range(captions_per_image)] for k in labels]
     write_table(image_table(ids, [png(COLOURS[k], 20, rng) for k in labels], captions, split), paths.seed_split(split))
     rows = [(image_id, c) for image_id, cs in zip(ids, captions) for c in cs]
     write_embeddings(
@@ -104,6 +120,14 @@ def write_seed(paths: Paths, split: str, n: int, captions_per_image: int = 2) ->
         unit(rng, len(rows)),
         extra={"caption": pa.array([r[1] for r in rows], pa.string())},
     )
+    write_embeddings(paths.embedding_file("seed_images", split), ids, unit(rng, n))
+
+
+def write_all(paths: Paths, params=None) -> None:
+    write_curated(paths)
+    write_seed(paths, "train", 12)
+    write_seed(paths, "test", 6)
+    clip_stage.run(params or make_params(), paths)
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -116,34 +140,43 @@ def read_tsv(path: Path, column: str) -> list[float]:
     return [float(line.split("\t")[index]) for line in lines[1:]]
 
 
+def losses(paths: Paths, stage: str = "pretrain") -> list[float]:
+    return read_tsv(paths.live(stage) / "plots" / "metrics" / "loss.tsv", "loss")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small runs are fastest on one thread, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """One tiny run of pretrain -> finetune -> evaluate, shared by the tests that inspect its outputs."""
     paths = Paths(tmp_path_factory.mktemp("root"))
     params = make_params()
-    write_curated(paths)
-    write_seed(paths, "train", 12)
-    write_seed(paths, "test", 6)
-    clip_stage.run(params, paths)
+    write_all(paths, params)
     summaries = {stage.__name__.rsplit(".", 1)[1]: stage.run(params, paths) for stage in (pretrain, finetune, evaluate)}
     return paths, params, summaries
+
+
+# ---------------------------------------------------------------- learning, guidance, evaluation
 
 
 def test_pretrain_learns_the_condition(tmp_path):
     paths = Paths(tmp_path)
     red, blue = write_curated(paths)
     params = make_params(pretrain=dict(steps=60))
-    torch.manual_seed(params.seed)
-    initial = state(build_denoiser(params.train, DIM))
     summary = pretrain.run(params, paths)
 
-    curve = paths.live("pretrain") / "plots" / "metrics" / "loss.tsv"
-    losses = read_tsv(curve, "loss")
-    assert read_tsv(curve, "step") == list(range(5, 65, 5))
-    assert all(math.isfinite(v) for v in losses) and np.mean(losses[-2:]) < 0.7 * losses[0], losses
-    assert summary["steps"] == 60 and summary["final_loss"] == pytest.approx(losses[-1], abs=1e-4)
-    trained = state(Denoiser.load(paths.model("pretrain")))
-    assert trained.keys() == initial.keys() and any(not torch.allclose(trained[k], initial[k]) for k in trained)
+    curve = losses(paths)
+    assert read_tsv(paths.live("pretrain") / "plots" / "metrics" / "loss.tsv", "step") == list(range(5, 65, 5))
+    assert all(math.isfinite(v) for v in curve) and np.mean(curve[-2:]) < 0.7 * curve[0], curve
+    assert summary["steps"] == 60 and summary["final_loss"] == pytest.approx(curve[-1], abs=1e-4)
+    assert (paths.live("pretrain") / "plots" / "images" / "samples.png").exists()  # the checkpoint sample grid
 
     # Sampled from noise, the red condition gives red squares and the blue one blue squares.
     model = Denoiser.load(paths.model("pretrain")).eval()
@@ -158,12 +191,7 @@ def test_epsilon_prediction_is_trained_and_saved(tmp_path):
     write_curated(paths)
     pretrain.run(make_params(pretrain=dict(steps=2), train=dict(prediction_type="epsilon", log_every=1)), paths)
     assert DDIMScheduler.from_pretrained(paths.model("pretrain") / "scheduler").config.prediction_type == "epsilon"
-    assert all(math.isfinite(v) for v in read_tsv(paths.live("pretrain") / "plots" / "metrics" / "loss.tsv", "loss"))
-
-
-def test_unknown_prediction_type_names_the_field():
-    with pytest.raises(ParamsError, match="train.prediction_type"):
-        make_params(train=dict(prediction_type="x0"))
+    assert all(math.isfinite(v) for v in losses(paths))
 
 
 def test_finetune_starts_from_pretrain_ema(chain, tmp_path):
@@ -176,14 +204,15 @@ def test_finetune_starts_from_pretrain_ema(chain, tmp_path):
     pretrained, finetuned = state(Denoiser.load(warm.model("pretrain"))), state(Denoiser.load(warm.model("finetune")))
     assert all(torch.allclose(pretrained[k], finetuned[k], atol=1e-6) for k in pretrained)
     torch.manual_seed(params.seed)
-    fresh = state(build_denoiser(params.train, DIM))
+    fresh = state(build_denoiser(params.train, ConditionProjector(DIM, 32, 2)))
     assert any(not torch.allclose(pretrained[k], fresh[k]) for k in pretrained)
 
 
-def test_guidance_endpoints():
-    params = make_params()
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_guidance_endpoints(backbone):
+    params = make_params(train=dict(backbone=backbone))
     torch.manual_seed(0)
-    model = build_denoiser(params.train, DIM).eval()
+    model = build_denoiser(params.train, ConditionProjector(DIM, 32, 2)).eval()
     x, condition = torch.randn(3, 3, 16, 16), torch.from_numpy(unit(np.random.default_rng(0), 3))
     t = torch.tensor(500)
     with torch.no_grad():
@@ -192,6 +221,8 @@ def test_guidance_endpoints():
         assert not torch.allclose(conditional, unconditional)
         torch.testing.assert_close(null_guidance(model, x, t, condition, 0.0), unconditional, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(null_guidance(model, x, t, condition, 1.0), conditional, atol=1e-5, rtol=1e-4)
+        pushed = null_guidance(model, x, t, condition, 3.0)
+        torch.testing.assert_close(pushed, unconditional + 3 * (conditional - unconditional), atol=1e-4, rtol=1e-4)
 
 
 def test_evaluate_writes_metrics_and_samples(chain):
@@ -208,6 +239,15 @@ def test_evaluate_writes_metrics_and_samples(chain):
     assert (paths.live("finetune") / "plots" / "metrics" / "loss.tsv").exists()
 
 
+def test_evaluate_with_dpm_solver(chain, tmp_path):
+    paths, _, _ = chain
+    other = Paths(tmp_path)
+    for part in ("models", "data"):
+        shutil.copytree(paths.root / part, other.root / part)
+    result = evaluate.run(make_params(evaluate=dict(sampler="dpm_solver", num_samples=4, sampling_steps=4)), other)
+    assert math.isfinite(result["clip_fd"])
+
+
 def test_clip_fd_is_zero_for_same_set_and_grows_with_shift(chain):
     paths, _, _ = chain
     bundle = clip_stage.load_clip(paths.clip)
@@ -219,28 +259,293 @@ def test_clip_fd_is_zero_for_same_set_and_grows_with_shift(chain):
     assert ClipFeatures(bundle)(images[:2]).shape == (2, bundle.embed_dim)
 
 
+# ---------------------------------------------------------------- conditioning modes, backbones, latents
+
+
+def test_image_conditioning_trains_on_clip_image_embeddings_and_samples_from_captions(tmp_path):
+    paths = Paths(tmp_path)
+    params = make_params(train=dict(conditioning="image"), pretrain=dict(steps=3), finetune=dict(steps=2))
+    write_all(paths, params)
+    extra = load_extra(paths, Encoding.create(paths, 16, "image"))
+    _, vectors = read_embeddings([paths.embedding_file("crawl_images", "part-0")])  # written in the shard's row order
+    assert len(extra) == 32 and np.allclose(np.asarray(extra.conditions, np.float32), vectors, atol=1e-3)
+    seed, _ = load_seed(paths, "train", Encoding.create(paths, 16, "image"))
+    assert seed.count.tolist() == [1] * 12  # one image embedding per seed image, not one per caption
+    for stage in (pretrain, finetune, evaluate):
+        stage.run(params, paths)
+    assert Denoiser.load(paths.model("finetune")).mode == "image"
+    assert math.isfinite(json.loads((paths.metrics / "eval.json").read_text())["clip_score"])
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_tokens_conditioning_runs_clip_text_transformer(tmp_path, trainable):
+    paths = Paths(tmp_path)
+    params = make_params(train=dict(conditioning="tokens", train_text_encoder=trainable), pretrain=dict(steps=3, lr=1e-2, warmup_steps=0))
+    write_all(paths, params)
+    bundle = clip_stage.load_clip(paths.clip)
+    extra = load_extra(paths, Encoding.create(paths, 16, "tokens"))
+    # Extra images are conditioned on their best-weighted neighbour caption, tokenized once into the cache.
+    expected = bundle.tokenizer([f"a {NAMES[0]} square"]).numpy()[0]
+    assert extra.conditions.dtype == np.int32 and any((row == expected).all() for row in np.asarray(extra.conditions))
+    pretrain.run(params, paths)
+    model = Denoiser.load(paths.model("pretrain"))
+    assert isinstance(model.condition, TokenConditioner) and model.condition_size == bundle.tokenizer(["x"]).shape[1]
+    clip_text = {k: v for k, v in bundle.model.state_dict().items() if k in model.condition.text.state_dict()}
+    text = model.condition.text.state_dict()
+    assert clip_text.keys() == text.keys()
+    unchanged = all(torch.equal(clip_text[k], text[k]) for k in clip_text)
+    assert unchanged != trainable
+    for stage in (finetune, evaluate):
+        stage.run(params, paths)
+    assert math.isfinite(json.loads((paths.metrics / "eval.json").read_text())["clip_fd"])
+
+
+def test_dit_backbone_trains_and_samples(tmp_path):
+    paths = Paths(tmp_path)
+    write_curated(paths)
+    pretrain.run(make_params(train=dict(backbone="dit"), pretrain=dict(steps=3)), paths)
+    model = Denoiser.load(paths.model("pretrain"))
+    assert isinstance(model.backbone, PixArtTransformer2DModel) and (paths.model("pretrain") / "transformer" / "config.json").exists()
+    scheduler = DDIMScheduler.from_pretrained(paths.model("pretrain") / "scheduler")
+    images = sample(model.eval(), scheduler, torch.zeros(2, DIM), 2, 3.0, torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def tiny_vae(folder: Path) -> Path:
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                  latent_channels=4, norm_num_groups=4, sample_size=16).save_pretrained(folder)
+    return folder
+
+
+def test_latent_space_caches_latents_once_and_decodes_samples(tmp_path):
+    paths = Paths(tmp_path / "root")
+    vae = tiny_vae(tmp_path / "vae")
+    params = make_params(train=dict(vae=str(vae), random_flip=True, backbone="dit"), pretrain=dict(steps=2), finetune=dict(steps=2))
+    write_all(paths, params)
+    pretrain.run(params, paths)
+    extra = load_extra(paths, Encoding.create(paths, 16, "pooled", load_vae(str(vae)), flip=True))
+    assert extra.latent and extra.images[0].shape == (32, 2, 4, 8, 8)  # latents of each image and of its mirror
+    assert isinstance(extra.images[0], np.memmap)
+    model = Denoiser.load(paths.model("pretrain"))
+    assert model.channels == 4 and model.sample_size == 8 and (paths.model("pretrain") / "vae" / "config.json").exists()
+    finetune.run(params, paths)
+    evaluate.run(params, paths)
+    grid = Image.open(paths.live("evaluate") / "plots" / "images" / "samples.png")
+    assert grid.width == 8 * 128
+
+
+# ---------------------------------------------------------------- data path
+
+
+def test_images_are_decoded_once_into_a_memory_mapped_cache(tmp_path, monkeypatch):
+    paths = Paths(tmp_path)
+    write_curated(paths)
+    first = load_extra(paths, Encoding.create(paths, 16, "pooled"))
+    assert isinstance(first.images[0], np.memmap) and first.images[0].dtype == np.uint8 and first.images[0].shape == (32, 3, 16, 16)
+    assert isinstance(first.conditions, np.memmap) and first.conditions.dtype == np.float16
+
+    # A second load, and training, never decode again: no PIL on the hot path.
+    monkeypatch.setattr(data_module.Image, "open", lambda *a, **k: pytest.fail("decoded an image again"))
+    again = load_extra(paths, Encoding.create(paths, 16, "pooled"))
+    assert again.key == first.key and np.array_equal(again.images[0], first.images[0])
+    pretrain.run(make_params(pretrain=dict(steps=2)), paths)
+
+    # A new shard decodes only itself; the set's key changes, so no old checkpoint resumes on new data.
+    monkeypatch.undo()
+    decoded = []
+    original = data_module.decode_images
+    monkeypatch.setattr(data_module, "decode_images", lambda blobs, *a: decoded.append(len(blobs)) or original(blobs, *a))
+    write_curated(paths, n=5, shard="part-1", seed=7)
+    grown = load_extra(paths, Encoding.create(paths, 16, "pooled"))
+    assert decoded == [5] and len(grown) == 37 and grown.key != first.key
+    entries = sorted(p.name for p in cache_dir(paths).iterdir())
+    assert len(load_extra(paths, Encoding.create(paths, 8, "pooled")).images) == 2
+    assert len(list(cache_dir(paths).iterdir())) == len(entries) + 2  # another resolution: new image entries only
+
+
 def test_seed_batches_pick_a_caption_of_the_drawn_image(tmp_path):
     paths = Paths(tmp_path)
     write_seed(paths, "train", 5, captions_per_image=3)
-    data, captions = load_seed(paths, "train", 8)
-    assert data.images.shape == (5, 3, 8, 8) and data.images.dtype == torch.uint8
+    data, captions = load_seed(paths, "train", Encoding.create(paths, 8, "pooled"))
+    assert data.images[0].shape == (5, 3, 8, 8) and data.images[0].dtype == np.uint8
     assert data.count.tolist() == [3] * 5 and len(captions) == 15
-    assert captions[3].startswith("a ") and captions[3].endswith("number 0")  # image 1's first caption
-    pixels, conditions = data.batch(64, torch.Generator().manual_seed(0))
+    assert captions[3].endswith("number 0")  # image 1's first caption
+    index = np.random.default_rng(0).integers(0, 5, 64)
+    pixels, conditions = data.batch(index, torch.Generator().manual_seed(0), random_flip=False)
     assert pixels.shape == (64, 3, 8, 8) and pixels.min() >= -1 and pixels.max() <= 1
-    assert all(any(torch.equal(c, row) for row in data.conditions) for c in conditions)
+    table = torch.from_numpy(np.asarray(data.conditions, np.float32))
+    for i, c in zip(index, conditions):  # each condition is one of the drawn image's own captions
+        own = table[data.first[i] : data.first[i] + data.count[i]]
+        assert any(torch.equal(c, row) for row in own)
 
 
 def test_random_flip_mirrors_only_when_asked(tmp_path):
     paths = Paths(tmp_path)
     write_seed(paths, "train", 5)
-    data, _ = load_seed(paths, "train", 8)
-    originals = {data.images[i].float().div(127.5).sub(1).numpy().tobytes() for i in range(5)}
-    mirrored = {data.images[i].float().div(127.5).sub(1).flip(-1).numpy().tobytes() for i in range(5)} - originals
-    unflipped, _ = data.batch(64, torch.Generator().manual_seed(0), random_flip=False)
+    data, _ = load_seed(paths, "train", Encoding.create(paths, 8, "pooled"))
+    images = torch.from_numpy(np.array(data.images[0])).float() / 127.5 - 1
+    originals = {images[i].numpy().tobytes() for i in range(5)}
+    mirrored = {images[i].flip(-1).numpy().tobytes() for i in range(5)} - originals
+    index = np.arange(64) % 5
+    unflipped, _ = data.batch(index, torch.Generator().manual_seed(0), random_flip=False)
     assert all(p.numpy().tobytes() in originals for p in unflipped)
-    flipped, _ = data.batch(64, torch.Generator().manual_seed(0), random_flip=True)
+    flipped, _ = data.batch(index, torch.Generator().manual_seed(0), random_flip=True)
     assert any(p.numpy().tobytes() in mirrored for p in flipped)
+
+
+def test_data_stream_is_a_function_of_the_position():
+    stream = DataStream(10, seed=0, name="pretrain")
+    epoch0 = stream.indices(0, 10)
+    assert sorted(epoch0) == list(range(10))  # an epoch is a permutation
+    # Two processes with batch 2: process r reads positions step*4 + r*2 ...; within an epoch nobody sees an image twice.
+    seen = [stream.indices(step * 4 + rank * 2, 2) for step in range(2) for rank in range(2)]
+    assert len(set(np.concatenate(seen))) == 8
+    # Across the epoch boundary, and from a fresh stream (a resumed run), the same positions give the same images.
+    assert np.array_equal(DataStream(10, 0, "pretrain").indices(8, 4), np.concatenate([epoch0[8:], stream.order(1)[:2]]))
+    assert not np.array_equal(stream.order(1), epoch0) and not np.array_equal(DataStream(10, 0, "finetune").order(0), epoch0)
+    a, b = stream.generators(8, torch.device("cpu")), DataStream(10, 0, "pretrain").generators(8, torch.device("cpu"))
+    assert torch.equal(torch.rand(4, generator=a[1]), torch.rand(4, generator=b[1]))
+
+
+# ---------------------------------------------------------------- checkpoints, resume, warm start
+
+
+def test_resumed_run_continues_exactly(tmp_path):
+    """A 6-step run equals a 3-step run continued to 6 (phase.steps may grow): losses and weights, bit for bit."""
+    whole, parts = Paths(tmp_path / "whole"), Paths(tmp_path / "parts")
+    for paths in (whole, parts):
+        write_curated(paths)
+    common = dict(train=dict(log_every=1, checkpoint_every=3, random_flip=True, condition_dropout=0.3))
+    pretrain.run(make_params(**common, pretrain=dict(steps=6)), whole)
+    pretrain.run(make_params(**common, pretrain=dict(steps=3)), parts)
+    summary = pretrain.run(make_params(**common, pretrain=dict(steps=6)), parts)
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 6
+    assert losses(parts) == losses(whole) and len(losses(whole)) == 6  # history replayed into dvclive, then continued
+    a, b = state(Denoiser.load(whole.model("pretrain"))), state(Denoiser.load(parts.model("pretrain")))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    progress = checkpoint.read_progress(checkpoint.saved(checkpoint.checkpoint_dir(parts, "pretrain"))[-1])
+    assert progress.step == 6 and progress.position == 6 * 8
+
+
+def test_checkpoint_layout_and_pruning(tmp_path):
+    paths = Paths(tmp_path)
+    write_curated(paths)
+    folder = checkpoint.checkpoint_dir(paths, "pretrain")
+    (folder / ".step-00000001.tmp").mkdir(parents=True)  # what a save killed halfway leaves
+    every_2 = dict(checkpoint_every=2, checkpoints_kept=2)
+    pretrain.run(make_params(train=every_2, pretrain=dict(steps=7)), paths)
+    assert [p.name for p in checkpoint.saved(folder)] == ["step-00000006", "step-00000007"]
+    assert not list(folder.glob(".*"))
+    files = {p.name for p in (folder / "step-00000007").iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", checkpoint.EMA_FILE, "custom_checkpoint_1.pkl", checkpoint.STATE} <= files
+
+    # Fewer steps: it resumes from the newest checkpoint at or before them, and drops the ones past them.
+    assert pretrain.run(make_params(train=every_2, pretrain=dict(steps=6)), paths)["resumed_from_step"] == 6
+    assert pretrain.run(make_params(train=every_2, pretrain=dict(steps=5)), paths)["resumed_from_step"] is None
+    assert [p.name for p in checkpoint.saved(folder)] == ["step-00000004", "step-00000005"]
+
+    # Other params make a new run: it starts from scratch; its first checkpoint replaces the old run's at the same
+    # step and deletes the others.
+    other = make_params(train=dict(checkpoint_every=4), pretrain=dict(steps=4, lr=1e-3))
+    assert pretrain.run(other, paths)["resumed_from_step"] is None
+    assert [p.name for p in checkpoint.saved(folder)] == ["step-00000004"]
+    assert checkpoint.read_progress(folder / "step-00000004").history[-1][2] == pytest.approx(1e-3)
+    # Bookkeeping params (how often to log or save) keep a checkpoint resumable.
+    again = make_params(train=dict(log_every=1, checkpoint_every=3), pretrain=dict(steps=4, lr=1e-3))
+    assert pretrain.run(again, paths)["resumed_from_step"] == 4
+
+
+def test_corrupt_checkpoint_names_the_folder(tmp_path):
+    paths = Paths(tmp_path)
+    write_curated(paths)
+    params = make_params(train=dict(checkpoint_every=2), pretrain=dict(steps=4))
+    pretrain.run(params, paths)
+    newest = checkpoint.saved(checkpoint.checkpoint_dir(paths, "pretrain"))[-1]
+    (newest / "model.safetensors").write_bytes(b"not a tensor file")
+    longer = make_params(train=dict(checkpoint_every=2), pretrain=dict(steps=6))
+    with pytest.raises(InputError, match=f"{newest}: cannot be loaded"):
+        pretrain.run(longer, paths)
+    (newest / checkpoint.STATE).write_text("{")
+    with pytest.raises(InputError, match="trainer.json: unreadable"):
+        pretrain.run(longer, paths)
+    shutil.rmtree(newest)  # as the message says: the run resumes from the checkpoint before
+    assert pretrain.run(longer, paths)["resumed_from_step"] == 2
+
+
+def test_warm_start_begins_from_the_last_pretrain(tmp_path):
+    paths = Paths(tmp_path)
+    write_curated(paths)
+    pretrain.run(make_params(pretrain=dict(steps=5)), paths)
+    first = state(Denoiser.load(paths.model("pretrain")))
+    write_curated(paths, n=6, shard="part-1", seed=5)  # new extra data
+    # A one-step run at a negligible learning rate hands back the last pretrain's EMA weights, not a fresh init.
+    pretrain.run(make_params(pretrain=dict(steps=1, lr=1e-12, warmup_steps=0, warm_start=True)), paths)
+    warm = state(Denoiser.load(paths.model("pretrain")))
+    assert all(torch.allclose(first[k], warm[k], atol=1e-6) for k in first)
+    pretrain.run(make_params(pretrain=dict(steps=1, lr=1e-12, warmup_steps=0)), paths)
+    cold = state(Denoiser.load(paths.model("pretrain")))
+    assert not all(torch.allclose(first[k], cold[k], atol=1e-6) for k in first)
+    # A different architecture cannot warm-start: the error names the switch.
+    with pytest.raises(ParamsError, match="pretrain.warm_start"):
+        pretrain.run(make_params(train=dict(condition_tokens=3), pretrain=dict(steps=1, warm_start=True)), paths)
+
+
+def test_gradient_accumulation_draws_every_micro_batch(tmp_path):
+    paths = Paths(tmp_path)
+    write_curated(paths)
+    summary = pretrain.run(make_params(train=dict(gradient_accumulation_steps=3, batch_size=4), pretrain=dict(steps=2)), paths)
+    progress = checkpoint.read_progress(checkpoint.saved(checkpoint.checkpoint_dir(paths, "pretrain"))[-1])
+    assert summary["steps"] == 2 and progress.position == 2 * 3 * 4
+
+
+# ---------------------------------------------------------------- precision, params and inputs
+
+
+def test_precision_is_fp32_on_cpu_and_bf16_can_be_asked_for(tmp_path):
+    assert make_accelerator(make_params()).mixed_precision == "no"
+    with pytest.raises(ParamsError, match="train.mixed_precision"):
+        make_accelerator(make_params(train=dict(mixed_precision="fp16")))
+    paths = Paths(tmp_path)
+    write_curated(paths)
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    try:
+        summary = pretrain.run(make_params(train=dict(mixed_precision="bf16"), pretrain=dict(steps=2)), paths)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert math.isfinite(summary["final_loss"])
+    assert all(v.dtype == torch.float32 for v in Denoiser.load(paths.model("pretrain")).state_dict().values())
+
+
+@pytest.mark.parametrize(
+    "train, field",
+    [
+        (dict(prediction_type="x0"), "train.prediction_type"),
+        (dict(conditioning="words"), "train.conditioning"),
+        (dict(train_text_encoder=True), "train: value error, train_text_encoder needs conditioning: tokens"),
+        (dict(backbone="vit"), "train.backbone"),
+        (dict(checkpoint_every=0), "train.checkpoint_every"),
+        (dict(dit=dict(patch_size=0)), "train.dit.patch_size"),
+    ],
+)
+def test_bad_params_name_the_field(train, field):
+    with pytest.raises(ParamsError, match=field.replace(".", r"\.")):
+        make_params(train=train)
+
+
+@pytest.mark.parametrize(
+    "train, field",
+    [
+        (dict(backbone="dit", dit=dict(patch_size=3)), "train.dit.patch_size"),
+        (dict(resolution=18, unet=dict(block_out_channels=[32, 32, 32])), "train.resolution"),
+        (dict(vae="/nonexistent/vae"), "train.vae"),
+    ],
+)
+def test_params_that_do_not_fit_the_model_name_the_field(tmp_path, train, field):
+    paths = Paths(tmp_path)
+    write_curated(paths)
+    with pytest.raises(ParamsError, match=field):
+        pretrain.run(make_params(train=train, pretrain=dict(steps=1)), paths)
 
 
 def test_missing_inputs_name_the_path(tmp_path):
@@ -252,4 +557,10 @@ def test_missing_inputs_name_the_path(tmp_path):
     write_seed(paths, "train", 3)
     paths.embedding_file("seed_captions", "train").unlink()
     with pytest.raises(InputError, match="seed_captions/train.parquet"):
-        load_seed(paths, "train", 8)
+        load_seed(paths, "train", Encoding.create(paths, 8, "pooled"))
+    write_curated(paths)
+    paths.embedding_file("crawl_images", "part-0").unlink()
+    with pytest.raises(InputError, match="no image embedding"):
+        pretrain.run(make_params(train=dict(conditioning="image")), paths)
+    with pytest.raises(InputError, match="models/clip"):
+        pretrain.run(make_params(train=dict(conditioning="tokens")), paths)

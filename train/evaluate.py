@@ -9,14 +9,12 @@
 """
 from __future__ import annotations
 
-import textwrap
 from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDPMScheduler
 from dvclive import Live
-from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
@@ -28,12 +26,11 @@ from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import Params
 from dextra.pipeline.paths import Paths
 
-from .data import ConditionedImages, load_seed
-from .model import Denoiser
-from .sampling import sample
+from .data import Encoding, TrainingSet, load_seed
+from .model import Denoiser, saved_vae, vae_downscale
+from .sampling import image_grid, sample, sampler
 
 GRID_SAMPLES = 32
-GRID_COLUMNS = 8
 
 
 class ClipFeatures(nn.Module):
@@ -64,31 +61,14 @@ def clip_score(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str]
     return float(100 * (pixels * texts).sum(-1).clamp(min=0).mean())
 
 
-def pick_captions(data: ConditionedImages, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def pick_captions(data: TrainingSet, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(image index, condition row) per sample: test images in order, cycling when there are fewer than
     num_samples, each with a seeded random caption that moves on to the image's next caption every cycle."""
-    count = data.count.numpy()
+    count = data.count
     image = np.arange(num_samples) % len(count)
     offset = np.random.default_rng(seed).integers(0, 1 << 30, len(count))
-    rows = data.first.numpy()[image] + (offset[image] + np.arange(num_samples) // len(count)) % count[image]
+    rows = data.first[image] + (offset[image] + np.arange(num_samples) // len(count)) % count[image]
     return image, rows
-
-
-def caption_grid(images: torch.Tensor, captions: Sequence[str], cell: int = 128) -> Image.Image:
-    """Samples upscaled (nearest, so pixels stay honest) in a grid with each caption written under its image."""
-    font = ImageFont.load_default()
-    line_height = int(font.getbbox("Ag")[3]) + 2
-    chars = max(8, int(cell / font.getlength("n")))
-    rows = -(-len(images) // GRID_COLUMNS)
-    grid = Image.new("RGB", (GRID_COLUMNS * cell, rows * (cell + 3 * line_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    pixels = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    for i, (array, caption) in enumerate(zip(pixels, captions)):
-        x, y = (i % GRID_COLUMNS) * cell, (i // GRID_COLUMNS) * (cell + 3 * line_height)
-        grid.paste(Image.fromarray(array).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
-        for j, line in enumerate(textwrap.wrap(caption, chars)[:3]):
-            draw.text((x + 2, y + cell + j * line_height), line, fill="black", font=font)
-    return grid
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -96,28 +76,34 @@ def run(params: Params, paths: Paths) -> dict:
     device = pick_device(params.device)
     folder = paths.model("finetune")
     model = Denoiser.load(folder).to(device).eval()
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-    test, captions = load_seed(paths, "test", model.resolution)
-    if len(test.images) < 2:
-        raise InputError(f"{paths.seed_split('test')}: the Fréchet distance needs at least 2 test images, found {len(test.images)}")
-    if test.conditions.shape[1] != model.condition_dim:
+    vae = saved_vae(folder)
+    if vae is not None:
+        vae.to(device)
+    scheduler = sampler(cfg.sampler, DDPMScheduler.from_pretrained(folder / "scheduler").config)
+    # Sampling is conditioned on captions: an `image` model takes the caption's text embedding for the image's.
+    mode = "tokens" if model.mode == "tokens" else "pooled"
+    resolution = model.sample_size * (vae_downscale(vae) if vae else 1)
+    test, captions = load_seed(paths, "test", Encoding.create(paths, resolution, mode))
+    if len(test) < 2:
+        raise InputError(f"{paths.seed_split('test')}: the Fréchet distance needs at least 2 test images, found {len(test)}")
+    if test.condition_size != model.condition_size:
         raise InputError(
-            f"{paths.embedding_file('seed_captions', 'test')}: caption embeddings have {test.conditions.shape[1]} dimensions, "
-            f"the model in {folder} was conditioned on {model.condition_dim}"
+            f"{paths.embedding_file('seed_captions', 'test')}: conditions have {test.condition_size} values, "
+            f"the model in {folder} was conditioned on {model.condition_size}"
         )
     bundle = load_clip(paths.clip, device)
 
     image_index, rows = pick_captions(test, cfg.num_samples, params.seed)
     texts = [captions[r] for r in rows]
     generator = torch.Generator().manual_seed(params.seed)
-    conditions = test.conditions[torch.from_numpy(rows)].to(device)
+    conditions = test.condition_rows(rows).to(device)
     generated = torch.cat(
         [
-            sample(model, scheduler, chunk, cfg.sampling_steps, cfg.guidance_scale, generator).cpu()
+            sample(model, scheduler, chunk, cfg.sampling_steps, cfg.guidance_scale, generator, vae).cpu()
             for chunk in tqdm(conditions.split(cfg.batch_size), desc="evaluate", unit="batch")
         ]
     )
-    real = test.images.float() / 255
+    real = test.pixels()
     metrics = {
         "clip_fd": clip_fd(bundle, real, generated, cfg.batch_size),
         "clip_score": clip_score(bundle, generated, texts, cfg.batch_size),
@@ -126,7 +112,7 @@ def run(params: Params, paths: Paths) -> dict:
     with Live(dir=str(paths.live("evaluate")), save_dvc_exp=False, dvcyaml=None) as live:
         for name, value in metrics.items():
             live.log_metric(name, value, plot=False)
-        live.log_image("samples.png", caption_grid(generated[:GRID_SAMPLES], texts[:GRID_SAMPLES]))
+        live.log_image("samples.png", image_grid(generated[:GRID_SAMPLES], texts[:GRID_SAMPLES]))
     summary = {**{k: round(v, 5) for k, v in metrics.items()}, "num_samples": cfg.num_samples, "guidance_scale": cfg.guidance_scale}
     write_json(paths.metrics / "eval.json", summary)
     return summary

@@ -1,23 +1,30 @@
-"""`dextra finetune`: continue from pretrain's EMA weights on the seed train set, conditioned on a random one
-of each image's caption embeddings (DESIGN.md "The method" 4). Architecture and resolution come from the
-pretrained model, not from params."""
+"""`dextra finetune`: continue from pretrain's EMA weights on the seed train set, conditioned on a random one of
+each image's caption embeddings (DESIGN.md "The method" 4). Backbone, conditioning, resolution and VAE come from
+the pretrained model, not from params."""
 from __future__ import annotations
 
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import Params
 from dextra.pipeline.paths import Paths
 
-from .data import load_seed
-from .model import Denoiser
-from .trainer import train
+from .checkpoint import folder_digest
+from .data import Encoding, load_seed
+from .model import Denoiser, saved_vae, vae_downscale
+from .trainer import make_accelerator, train
 
 
 def run(params: Params, paths: Paths) -> dict:
-    model = Denoiser.load(paths.model("pretrain"))
-    data, _ = load_seed(paths, "train", model.resolution)
-    if data.conditions.shape[1] != model.condition_dim:
+    accelerator = make_accelerator(params)
+    source = paths.model("pretrain")
+    model = Denoiser.load(source)
+    vae = saved_vae(source)
+    resolution = model.sample_size * (vae_downscale(vae) if vae else 1)
+    encoding = Encoding.create(paths, resolution, model.mode, vae, params.train.random_flip, accelerator.device)
+    with accelerator.local_main_process_first():
+        data, _ = load_seed(paths, "train", encoding)
+    if data.condition_size != model.condition_size:
         raise InputError(
-            f"{paths.embedding_file('seed_captions', 'train')}: caption embeddings have {data.conditions.shape[1]} dimensions, "
-            f"the pretrained model in {paths.model('pretrain')} was conditioned on {model.condition_dim}"
+            f"{paths.embedding_file('seed_images' if model.mode == 'image' else 'seed_captions', 'train')}: conditions have "
+            f"{data.condition_size} values, the pretrained model in {source} was conditioned on {model.condition_size}"
         )
-    return train(model, data, params.finetune, params, paths, "finetune")
+    return train(accelerator, model, data, params.finetune, params, paths, "finetune", vae=vae, init=folder_digest(source))

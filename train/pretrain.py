@@ -1,19 +1,30 @@
-"""`dextra pretrain`: train the text-conditional diffusion model from scratch on the curated extra set,
-conditioned on the extrapolated text embeddings (DESIGN.md "The method" 4)."""
+"""`dextra pretrain`: train the text-conditional diffusion model on the curated extra set, conditioned on the
+extrapolated text embeddings (DESIGN.md "The method" 4), from scratch or, with pretrain.warm_start, from the last
+pretrain's EMA weights (new extra data need not cost a full run)."""
 from __future__ import annotations
 
 from accelerate.utils import set_seed
 
+from dextra.pipeline.errors import ParamsError
 from dextra.pipeline.params import Params
 from dextra.pipeline.paths import Paths
 
-from .data import load_curated
-from .model import build_denoiser
-from .trainer import train
+from .data import Encoding, load_extra
+from .model import build_condition, build_denoiser, load_vae, vae_downscale
+from .trainer import make_accelerator, train
 
 
 def run(params: Params, paths: Paths) -> dict:
-    data = load_curated(paths, params.train.resolution)
+    cfg = params.train
+    accelerator = make_accelerator(params)
+    vae = load_vae(cfg.vae) if cfg.vae else None
+    downscale = vae_downscale(vae) if vae else 1
+    if cfg.resolution % downscale:
+        raise ParamsError(f"train.resolution: {cfg.resolution} is not a multiple of the VAE's downscale factor {downscale} (train.vae)")
+    encoding = Encoding.create(paths, cfg.resolution, cfg.conditioning, vae, cfg.random_flip, accelerator.device)
+    with accelerator.local_main_process_first():  # one process per machine decodes; the others read its cache
+        data = load_extra(paths, encoding)
     set_seed(params.seed)
-    model = build_denoiser(params.train, condition_dim=data.conditions.shape[1])
-    return train(model, data, params.pretrain, params, paths, "pretrain")
+    condition = build_condition(cfg, data.condition_size, paths.clip)
+    model = build_denoiser(cfg, condition, vae.config.latent_channels if vae else 3, cfg.resolution // downscale)
+    return train(accelerator, model, data, params.pretrain, params, paths, "pretrain", vae=vae, warm_start=params.pretrain.warm_start)

@@ -1,10 +1,23 @@
-"""DDIM sampling with the paper's NULL guidance (DESIGN.md "The method" 5)."""
+"""Sampling with the paper's NULL guidance (DESIGN.md "The method" 5): DDIM or DPM-Solver, in pixel or latent space."""
 from __future__ import annotations
 
+import textwrap
+from typing import Sequence
+
 import torch
-from diffusers import DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers.configuration_utils import FrozenDict
+from PIL import Image, ImageDraw, ImageFont
 
 from .model import Denoiser
+
+SAMPLERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
+GRID_COLUMNS = 8
+
+
+def sampler(name: str, training_config: FrozenDict) -> DDIMScheduler | DPMSolverMultistepScheduler:
+    """A sampler carrying the training noise schedule and prediction type (the saved DDPMScheduler's config)."""
+    return SAMPLERS[name].from_config(training_config)
 
 
 def null_guidance(model: Denoiser, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor, scale: float) -> torch.Tensor:
@@ -18,13 +31,35 @@ def null_guidance(model: Denoiser, sample: torch.Tensor, timestep: torch.Tensor,
 
 
 @torch.no_grad()
-def sample(model: Denoiser, scheduler: DDIMScheduler, condition: torch.Tensor, steps: int, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """Images in [0, 1], (N, 3, R, R), one per condition row. `scheduler` carries the training noise schedule
-    and prediction type. Noise comes from a CPU generator, so a seed gives the same start on any device."""
+def sample(model: Denoiser, scheduler: DDIMScheduler | DPMSolverMultistepScheduler, condition: torch.Tensor, steps: int, scale: float,
+           generator: torch.Generator, vae: AutoencoderKL | None = None) -> torch.Tensor:
+    """Images in [0, 1], (N, 3, H, W), one per condition row (embeddings, or token ids for a `tokens` model). Noise
+    comes from a CPU generator, so a seed gives the same start on any device; a latent model's samples are decoded."""
     device = condition.device
-    resolution = model.resolution
-    images = torch.randn(len(condition), 3, resolution, resolution, generator=generator).to(device)
+    x = torch.randn(len(condition), model.channels, model.sample_size, model.sample_size, generator=generator).to(device)
     scheduler.set_timesteps(steps, device=device)
+    x = x * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
-        images = scheduler.step(null_guidance(model, images, timestep, condition, scale), timestep, images).prev_sample
-    return ((images + 1) / 2).clamp(0, 1)
+        x = scheduler.step(null_guidance(model, scheduler.scale_model_input(x, timestep), timestep, condition, scale), timestep, x).prev_sample
+    if vae is not None:
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def image_grid(images: torch.Tensor, captions: Sequence[str] | None = None, cell: int = 128) -> Image.Image:
+    """Samples upscaled (nearest, so pixels stay honest) in a grid, with each caption written under its image."""
+    font = ImageFont.load_default()
+    line_height = int(font.getbbox("Ag")[3]) + 2
+    chars = max(8, int(cell / font.getlength("n")))
+    text_height = 3 * line_height if captions else 0
+    rows = -(-len(images) // GRID_COLUMNS)
+    grid = Image.new("RGB", (GRID_COLUMNS * cell, rows * (cell + text_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    pixels = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for i, array in enumerate(pixels):
+        x, y = (i % GRID_COLUMNS) * cell, (i // GRID_COLUMNS) * (cell + text_height)
+        grid.paste(Image.fromarray(array).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
+        for j, line in enumerate(textwrap.wrap(captions[i], chars)[:3] if captions else []):
+            draw.text((x + 2, y + cell + j * line_height), line, fill="black", font=font)
+    return grid
