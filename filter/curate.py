@@ -257,7 +257,8 @@ def _decision_table(rows: pa.Table, crawl: Crawl, d: Decisions) -> pa.Table:
     position = {image_id: row for row, image_id in enumerate(crawl.ids)}
     at = np.array([position.get(u, -1) for u in url_ids], np.int64)
     fetched = at >= 0
-    outcome = np.where(rows.column("status").to_numpy(zero_copy_only=False) == "refused", "refused", "fetch_error").astype(object)
+    refused = np.isin(rows.column("status").to_numpy(zero_copy_only=False), ["refused", "opt-out"])  # not tried, by rule or by the site's wish
+    outcome = np.where(refused, "refused", "fetch_error").astype(object)
     detail = np.asarray(rows.column("error").to_pylist(), object)
     outcome[fetched], detail[fetched] = d.outcome[at[fetched]], d.detail[at[fetched]]
     columns = {name: rows.column(name) for name in ("url_id", "url", "query", "class", "source")}

@@ -57,7 +57,7 @@ URL_SCHEMA = pa.schema(
 STATUS_SCHEMA = pa.schema(
     [
         pa.field("url_id", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | error | refused
+        pa.field("status", pa.string(), nullable=False),  # ok | error | refused | opt-out
         pa.field("error", pa.string()),
         pa.field("shard", pa.string()),
     ]

@@ -170,6 +170,7 @@ def build_fixture(root):
         "f_near": ("ok", "0", centres[0], encode(near0.resize((40, 40)), "JPEG", 80)),
         "g_err": ("error", "0", None, None),
         "h_ref": ("refused", "0", None, None),
+        "i_optout": ("opt-out", "0", None, None),
     }
     # Off-topic: a whole cluster of query "class 1" far from every seed image.
     for i in range(6):
@@ -203,7 +204,7 @@ def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params):
     outcomes = {u: d["outcome"] for u, d in decisions.items()}
     assert outcomes == {
         "a_near0": "kept", "b_near1": "kept", "c_wrong": "class", "d_leak": "leak",
-        "e_exact": "duplicate", "f_near": "duplicate", "g_err": "fetch_error", "h_ref": "refused",
+        "e_exact": "duplicate", "f_near": "duplicate", "g_err": "fetch_error", "h_ref": "refused", "i_optout": "refused",
         **{f"x_off{i}": "cluster" for i in range(6)},
     }
     assert decisions["e_exact"]["duplicate_of"] == "a_near0" and decisions["f_near"]["duplicate_of"] == "a_near0"
