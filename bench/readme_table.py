@@ -41,7 +41,16 @@ def rows_curate_scale(r: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def rows_fetch(r: dict) -> list[tuple[str, str, str]]:
+    resume = r["resume"]
+    return [
+        ("fetch: dextra ÷ plain img2dataset images/s", f"{r['median_ratio']:.2f}", f"median of {r['reps']}; {r['dextra_images_per_s']:.0f} vs {r['baseline_images_per_s']:.0f} images/s, {r['processes']} processes × {r['threads']} threads, loopback"),
+        ("fetch: resumed list download", f"{resume['resumed_bytes']:,} B", f"missing {resume['missing_bytes']:,} B (chunk {resume['chunk']:,} B)"),
+    ]
+
+
 RENDERERS = {
+    "fetch": rows_fetch,
     "curation_quality": rows_curation_quality,
     "curation_ablation": rows_curation_ablation,
     "embed": rows_embed,

@@ -39,7 +39,8 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
             shutil.copy2(REPO / name, tmp_path / name)
     (tmp_path / "dvc.lock").unlink(missing_ok=True)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict(**SMALL), sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=tmp_path, check=True)  # dvclive needs a commit to stand on
 
     first = stages_run(dvc(tmp_path, "repro"))
     assert first == ["seed", "urls", "fetch", "clip", "embed", "curate", "report", "pretrain", "finetune", "evaluate"]

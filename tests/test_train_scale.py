@@ -19,7 +19,7 @@ from dextra.filter import clip as clip_stage
 from dextra.pipeline.paths import Paths
 from dextra.train import checkpoint
 
-from .test_train import REPO, losses, make_params, write_curated
+from .test_train import REPO, losses, make_params, write_curated, write_seed
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}  # same threads everywhere: same floats
 
@@ -28,6 +28,7 @@ def project(root: Path, params) -> Path:
     """A DVC project holding the repository's own pretrain stage, its inputs and `params`."""
     paths = Paths(root)
     write_curated(paths)
+    write_seed(paths, "test", 4)  # clip reports its retrieval recall on seed test
     clip_stage.run(params, paths)
     shutil.copytree(REPO / "train", root / "train", ignore=shutil.ignore_patterns("__pycache__"))
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
