@@ -49,7 +49,17 @@ def rows_fetch(r: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+def rows_train(r: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, run in (("pixels", r.get("pixels")), ("latents", r.get("latents"))):
+        if run:
+            speedup = run["dextra_images_per_s"] / run["baseline_images_per_s"]
+            rows.append((f"pretrain ÷ diffusers-example loop ({name}, {run['resolution']} px)", f"{speedup:.2f}", f"{run['dextra_images_per_s']:.0f} vs {run['baseline_images_per_s']:.0f} images/s, batch {r['batch_size']}, {r['device']}"))
+    return rows
+
+
 RENDERERS = {
+    "train": rows_train,
     "fetch": rows_fetch,
     "curation_quality": rows_curation_quality,
     "curation_ablation": rows_curation_ablation,
