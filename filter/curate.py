@@ -269,10 +269,8 @@ def _decision_table(rows: pa.Table, crawl: Crawl, d: Decisions) -> pa.Table:
         values = getattr(d, field.name)[np.where(fetched, at, 0)]
         if values.dtype == object:
             columns[field.name] = pa.array(np.where(fetched, values, None), field.type)
-        else:
-            columns[field.name] = pa.array(values, field.type, mask=~fetched | np.isnan(values)) if field.type != pa.int32() else pa.array(
-                np.nan_to_num(values).astype(np.int32), field.type, mask=~fetched | np.isnan(values)
-            )
+        else:  # NaN marks a score never computed; int columns (pHash bits) hold whole numbers
+            columns[field.name] = pa.array(np.nan_to_num(values), mask=~fetched | np.isnan(values)).cast(field.type)
     return pa.table(columns)
 
 
