@@ -54,10 +54,16 @@ STAGES: dict[str, tuple[str, str]] = {
         "dextra.train.finetune",
         "Fine-tune the pretrained model on the seed train set, starting from its EMA weights; weights in models/finetune/.",
     ),
+    "baseline": (
+        "dextra.train.baseline",
+        "With evaluate.baseline: train the same model from scratch on the seed train set alone, for as many steps as "
+        "pretrain and finetune together; weights in models/baseline/. Without it, only leave a note.",
+    ),
     "evaluate": (
         "dextra.train.evaluate",
-        "Sample images for seed test captions and write CLIP-FD, CLIP score and GT CLIP score to metrics/eval.json, "
-        "with a sample grid under dvclive/evaluate/.",
+        "Sample images for seed test captions and write CLIP-FD (and FID with evaluate.inception_weights), CLIP "
+        "score and GT CLIP score to metrics/eval.json, beside the seed-only baseline's with evaluate.baseline, "
+        "with sample grids under dvclive/evaluate/.",
     ),
 }
 

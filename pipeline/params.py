@@ -168,6 +168,9 @@ class TrainParams(_Section):
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints in checkpoints/<phase>/")
     checkpoints_kept: int = Field(2, ge=1, le=1000)
     grid_samples: int = Field(8, ge=0, le=64, description="samples in the grid logged at each checkpoint; 0 = none")
+    monitor_samples: int = Field(
+        100, ge=0, le=100_000, description="samples for seed test captions scored with CLIP-FD at each checkpoint (dvclive plot clip_fd); 0 = none, 1 is too few"
+    )
     random_flip: bool = Field(True, description="mirror training images left-right; off when mirroring changes what the caption says")
     condition_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training on the NULL condition")
     num_train_timesteps: int = Field(1000, ge=10, le=10_000)
@@ -177,6 +180,13 @@ class TrainParams(_Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
+
+    @field_validator("monitor_samples")
+    @classmethod
+    def _enough_for_a_distance(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("a Fréchet distance needs at least 2 samples; use 0 to switch the monitor off")
+        return value
 
     @model_validator(mode="after")
     def _text_encoder(self) -> "TrainParams":
@@ -201,6 +211,8 @@ class EvaluateParams(_Section):
     sampling_steps: int = Field(25, ge=1, le=1000)
     sampler: Literal["ddim", "dpm_solver"] = "ddim"
     batch_size: int = Field(100, ge=1, le=65_536)
+    baseline: bool = Field(False, description="also train a seed-only model (the `baseline` stage) and score it beside pretrain→finetune")
+    inception_weights: Optional[str] = Field(None, description="local torch-fidelity Inception-v3 weights file; adds the standard FID to metrics/eval.json")
 
 
 class Params(_Section):

@@ -43,13 +43,18 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
         subprocess.run(command, cwd=tmp_path, check=True)  # dvclive needs a commit to stand on
 
     first = stages_run(dvc(tmp_path, "repro"))
-    assert first == ["seed", "urls", "fetch", "clip", "embed", "curate", "report", "pretrain", "finetune", "evaluate"]
+    assert sorted(first) == sorted(["seed", "urls", "fetch", "clip", "embed", "curate", "report", "pretrain", "finetune", "baseline", "evaluate"])
+    assert first[-1] == "evaluate" and first.index("finetune") > first.index("pretrain")
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
-    assert {"clip_fd", "clip_score", "gt_clip_score"} <= metrics.keys()
+    assert {"clip_fd", "clip_score", "gt_clip_score", "seed_only", "difference"} <= metrics.keys()
     decisions = pq.read_table(tmp_path / "data" / "curated" / "decisions.parquet")
     assert decisions.num_rows == 200  # one row per crawled URL
     assert (tmp_path / "data" / "report" / "index.html").stat().st_size > 1000
-    assert "clip_fd" in dvc(tmp_path, "metrics", "show")
+    shown = dvc(tmp_path, "metrics", "show")
+    assert "clip_fd" in shown and "seed_only.clip_fd" in shown and "difference.clip_fd" in shown
+    plots = dvc(tmp_path, "plots", "show", "--json")
+    for plot in ("loss", "clip_fd", "samples.png", "seed_similarity.png"):
+        assert plot in plots, plot
 
     assert stages_run(dvc(tmp_path, "repro")) == []
 
@@ -59,4 +64,5 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
 
     changed["finetune"]["steps"] = 12
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-    assert stages_run(dvc(tmp_path, "repro")) == ["finetune", "evaluate"]
+    assert stages_run(dvc(tmp_path, "repro")) == ["finetune", "baseline", "evaluate"]  # the baseline trains as long as both
+    assert "clip_fd" in dvc(tmp_path, "metrics", "diff")

@@ -23,9 +23,9 @@ from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.params import parse_params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import IMAGE_SCHEMA, read_embeddings, sha256_hex, write_embeddings, write_table
-from dextra.train import checkpoint, data as data_module, evaluate, finetune, pretrain
+from dextra.train import baseline, checkpoint, data as data_module, evaluate, finetune, pretrain
 from dextra.train.data import DataStream, Encoding, cache_dir, load_extra, load_seed
-from dextra.train.evaluate import ClipFeatures, clip_fd
+from dextra.train.metrics import ClipFeatures, clip_fd, inception_fid
 from dextra.train.model import ConditionProjector, Denoiser, TokenConditioner, build_denoiser, load_vae
 from dextra.train.sampling import null_guidance, sample
 from dextra.train.trainer import make_accelerator
@@ -48,6 +48,7 @@ def make_params(**sections):
         condition_tokens=2,
         log_every=5,
         grid_samples=4,
+        monitor_samples=0,  # most fixtures have no seed test split or CLIP model; `chain` switches it on
     )
     raw["pretrain"] = dict(steps=10, lr=2e-3, warmup_steps=2)
     raw["finetune"] = dict(steps=10, lr=1e-3, warmup_steps=0)
@@ -155,11 +156,12 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """One tiny run of pretrain -> finetune -> evaluate, shared by the tests that inspect its outputs."""
+    """One tiny run of pretrain -> finetune, the seed-only baseline and evaluate, with the CLIP-FD monitor on,
+    shared by the tests that inspect its outputs."""
     paths = Paths(tmp_path_factory.mktemp("root"))
-    params = make_params()
+    params = make_params(train=dict(monitor_samples=6, checkpoint_every=5), evaluate=dict(baseline=True))
     write_all(paths, params)
-    summaries = {stage.__name__.rsplit(".", 1)[1]: stage.run(params, paths) for stage in (pretrain, finetune, evaluate)}
+    summaries = {stage.__name__.rsplit(".", 1)[1]: stage.run(params, paths) for stage in (pretrain, finetune, baseline, evaluate)}
     return paths, params, summaries
 
 
@@ -228,15 +230,52 @@ def test_guidance_endpoints(backbone):
 def test_evaluate_writes_metrics_and_samples(chain):
     paths, params, summaries = chain
     result = json.loads((paths.metrics / "eval.json").read_text())
-    assert set(result) == {"clip_fd", "clip_score", "gt_clip_score", "num_samples", "guidance_scale"}
+    assert set(result) == {"clip_fd", "clip_score", "gt_clip_score", "num_samples", "guidance_scale", "seed_only", "difference"}
     assert all(math.isfinite(result[k]) for k in ("clip_fd", "clip_score", "gt_clip_score"))
     assert result["num_samples"] == 12 and result["guidance_scale"] == 2.0
     assert result == summaries["evaluate"]
     live = json.loads((paths.live("evaluate") / "metrics.json").read_text())
     assert live["clip_fd"] == pytest.approx(result["clip_fd"], abs=1e-4)
-    grid = Image.open(paths.live("evaluate") / "plots" / "images" / "samples.png")
-    assert grid.width == 8 * 128
+    images = paths.live("evaluate") / "plots" / "images"
+    assert Image.open(images / "samples.png").width == 8 * 128
+    assert Image.open(images / "samples_seed_only.png").size == Image.open(images / "samples.png").size
     assert (paths.live("finetune") / "plots" / "metrics" / "loss.tsv").exists()
+
+
+def test_seed_only_baseline_trains_as_long_as_both_phases_and_is_scored_beside(chain):
+    paths, params, summaries = chain
+    assert summaries["baseline"]["steps"] == params.pretrain.steps + params.finetune.steps == 20
+    assert summaries["baseline"]["images"] == 12  # the seed train set, not the extra set
+    result = json.loads((paths.metrics / "eval.json").read_text())
+    seed_only = result["seed_only"]
+    assert set(seed_only) == {"clip_fd", "clip_score"} and all(math.isfinite(v) for v in seed_only.values())
+    for name in ("clip_fd", "clip_score"):
+        assert result["difference"][name] == pytest.approx(result[name] - seed_only[name], abs=2e-5)
+    # Two different models sampled from the same noise: the scores differ.
+    assert seed_only["clip_fd"] != result["clip_fd"]
+
+
+def test_baseline_off_leaves_notes_and_evaluate_scores_one_model(chain, tmp_path):
+    paths, _, _ = chain
+    other = Paths(tmp_path)
+    for part in ("models", "data"):
+        shutil.copytree(paths.root / part, other.root / part)
+    shutil.rmtree(other.model("baseline"))
+    assert baseline.run(make_params(), other) == {"skipped": "evaluate.baseline is false"}
+    assert (other.model("baseline") / "skipped.json").exists() and (other.live("baseline") / "skipped.json").exists()
+    assert "seed_only" not in evaluate.run(make_params(evaluate=dict(num_samples=4)), other)
+    with pytest.raises(InputError, match="models/baseline: no seed-only model"):
+        evaluate.run(make_params(evaluate=dict(num_samples=4, baseline=True)), other)
+
+
+def test_clip_fd_of_each_checkpoint_is_logged(chain):
+    paths, _, _ = chain
+    for stage, steps in (("pretrain", [5, 10]), ("finetune", [5, 10]), ("baseline", [5, 10, 15, 20])):
+        fd_file = paths.live(stage) / "plots" / "metrics" / "clip_fd.tsv"
+        assert read_tsv(fd_file, "step") == steps, stage
+        assert all(math.isfinite(v) and v >= 0 for v in read_tsv(fd_file, "clip_fd"))
+        newest = checkpoint.saved(checkpoint.checkpoint_dir(paths, stage))[-1]
+        assert [row[0] for row in checkpoint.read_progress(newest).clip_fd] == steps
 
 
 def test_evaluate_with_dpm_solver(chain, tmp_path):
@@ -257,6 +296,42 @@ def test_clip_fd_is_zero_for_same_set_and_grows_with_shift(chain):
     assert abs(same) < 1e-4
     assert shifted > 100 * max(abs(same), 1e-6)
     assert ClipFeatures(bundle)(images[:2]).shape == (2, bundle.embed_dim)
+
+
+def random_inception_weights(path: Path) -> Path:
+    """torch-fidelity's Inception-v3 with random weights, saved as the state-dict file FID reads (the real one
+    cannot be downloaded here; the metric's code path is the same)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Untrained(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None  # keep the random initialisation
+
+    torch.save({}, path)
+    torch.manual_seed(0)
+    torch.save(Untrained("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)).state_dict(), path)
+    return path
+
+
+def test_inception_fid_reads_local_weights_and_is_zero_for_same_set(tmp_path):
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    images = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    same = inception_fid(weights, images, images, batch_size=12, device=torch.device("cpu"))
+    shifted = inception_fid(weights, images, images * 0.3, batch_size=12, device=torch.device("cpu"))
+    assert abs(same) < 1e-3 * max(1.0, shifted)
+    assert shifted > 0 and shifted > 100 * abs(same)
+
+
+def test_evaluate_adds_fid_with_local_inception_weights(chain, tmp_path):
+    paths, _, _ = chain
+    other = Paths(tmp_path / "root")
+    for part in ("models", "data"):
+        shutil.copytree(paths.root / part, other.root / part)
+    random_inception_weights(other.root / "inception.pth")
+    result = evaluate.run(make_params(evaluate=dict(num_samples=4, inception_weights="inception.pth")), other)
+    assert math.isfinite(result["fid"]) and result["fid"] >= 0
+    with pytest.raises(InputError, match="evaluate.inception_weights: .*missing.pth is not a file"):
+        evaluate.run(make_params(evaluate=dict(num_samples=4, inception_weights="missing.pth")), other)
 
 
 # ---------------------------------------------------------------- conditioning modes, backbones, latents
@@ -526,6 +601,7 @@ def test_precision_is_fp32_on_cpu_and_bf16_can_be_asked_for(tmp_path):
         (dict(backbone="vit"), "train.backbone"),
         (dict(checkpoint_every=0), "train.checkpoint_every"),
         (dict(dit=dict(patch_size=0)), "train.dit.patch_size"),
+        (dict(monitor_samples=1), "train.monitor_samples"),
     ],
 )
 def test_bad_params_name_the_field(train, field):

@@ -52,6 +52,7 @@ class Progress:
     step: int = 0
     position: int = 0
     history: list[list[float]] = field(default_factory=list)  # [step, loss, lr] per log line
+    clip_fd: list[list[float]] = field(default_factory=list)  # [step, CLIP-FD] per checkpoint with a monitor
 
 
 def saved(folder: Path) -> list[Path]:

@@ -1,118 +1,109 @@
-"""`dextra evaluate`: sample images for seed test captions with the fine-tuned EMA model and score them.
+"""`dextra evaluate`: sample images for seed test captions with the fine-tuned EMA model and score them
+(train/metrics.py): CLIP-FD, Inception FID when evaluate.inception_weights names a local file, CLIP score, and
+the GT CLIP score of the real test images at the generated resolution, the ceiling the CLIP model allows.
 
-- CLIP-FD: Fréchet distance between CLIP image features of the generated images and of the real test images
-  (torchmetrics' FrechetInceptionDistance with CLIP as the feature network; no Inception weights are needed,
-  which is what the demo has to live without). Features are L2-normalised, so values are small (0 = same
-  distribution) and not comparable with the paper's Inception FIDs.
-- CLIP score and GT CLIP score: the same score for the generated images and for the real test images (at the
-  generated resolution) against the same captions; GT is the ceiling the CLIP model allows.
+With evaluate.baseline the seed-only model of the `baseline` stage is sampled for the same captions from the same
+noise and scored beside it: the paper's claim, that pretraining on the extrapolated extra set helps, measured on
+this run's data. metrics/eval.json holds both and their difference (pretrain→finetune minus seed-only).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from dvclive import Live
-from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
 from dextra.filter.clip import ClipBundle, load_clip
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.device import pick_device
 from dextra.pipeline.errors import InputError
-from dextra.pipeline.params import Params
+from dextra.pipeline.params import EvaluateParams, Params
 from dextra.pipeline.paths import Paths
 
-from .data import Encoding, TrainingSet, load_seed
+from .metrics import TestPrompts, clip_fd, clip_score, inception_fid
 from .model import Denoiser, saved_vae, vae_downscale
 from .sampling import image_grid, sample, sampler
 
 GRID_SAMPLES = 32
+SEED_ONLY = "seed_only"
 
 
-class ClipFeatures(nn.Module):
-    """CLIP image features as torchmetrics' `feature=` network; with normalize=True it gets floats in [0, 1]."""
-
-    def __init__(self, bundle: ClipBundle):
-        super().__init__()
-        self.bundle = bundle  # a plain attribute: the CLIP weights stay out of the metric's state
-        self.num_features = bundle.embed_dim
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.bundle.encode_pixels(pixels)
+def load_model(folder: Path, device: torch.device) -> tuple[Denoiser, object, int]:
+    """A saved EMA model with its VAE (or None) and the resolution of the images it generates."""
+    model = Denoiser.load(folder).to(device).eval()
+    vae = saved_vae(folder)
+    if vae is not None:
+        vae.to(device)
+    return model, vae, model.sample_size * (vae_downscale(vae) if vae else 1)
 
 
-def clip_fd(bundle: ClipBundle, real: torch.Tensor, generated: torch.Tensor, batch_size: int) -> float:
-    metric = FrechetInceptionDistance(feature=ClipFeatures(bundle), normalize=True).to(bundle.device)
-    for images, is_real in ((real, True), (generated, False)):
-        for chunk in images.split(batch_size):
-            metric.update(chunk.to(bundle.device), real=is_real)
-    return float(metric.compute())
+def generate(folder: Path, prompts: TestPrompts, cfg: EvaluateParams, seed: int, device: torch.device, label: str) -> torch.Tensor:
+    model, vae, _ = load_model(folder, device)
+    if prompts.conditions.shape[1] != model.condition_size:
+        raise InputError(f"{folder}: the model was conditioned on {model.condition_size} values, the seed test captions have {prompts.conditions.shape[1]}")
+    scheduler = sampler(cfg.sampler, DDPMScheduler.from_pretrained(folder / "scheduler").config)
+    generator = torch.Generator().manual_seed(seed)  # the same noise for every model compared
+    return torch.cat(
+        [
+            sample(model, scheduler, chunk.to(device), cfg.sampling_steps, cfg.guidance_scale, generator, vae).cpu()
+            for chunk in tqdm(prompts.conditions.split(cfg.batch_size), desc=f"evaluate {label}", unit="batch")
+        ]
+    )
 
 
-def clip_score(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str], batch_size: int) -> float:
-    """100 × mean over pairs of max(cos(image, caption), 0): torchmetrics' CLIPScore convention (its own class
-    only takes Hugging Face CLIP models, not our open_clip one)."""
-    texts = torch.from_numpy(bundle.encode_texts(list(captions)))
-    pixels = torch.cat([bundle.encode_pixels(chunk).float().cpu() for chunk in images.split(batch_size)])
-    return float(100 * (pixels * texts).sum(-1).clamp(min=0).mean())
+def score(bundle: ClipBundle, prompts: TestPrompts, generated: torch.Tensor, cfg: EvaluateParams, inception: Path | None) -> dict[str, float]:
+    metrics = {"clip_fd": clip_fd(bundle, prompts.real, generated, cfg.batch_size), "clip_score": clip_score(bundle, generated, prompts.captions, cfg.batch_size)}
+    if inception is not None:
+        metrics["fid"] = inception_fid(inception, prompts.real, generated, cfg.batch_size, bundle.device)
+    return metrics
 
 
-def pick_captions(data: TrainingSet, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image index, condition row) per sample: test images in order, cycling when there are fewer than
-    num_samples, each with a seeded random caption that moves on to the image's next caption every cycle."""
-    count = data.count
-    image = np.arange(num_samples) % len(count)
-    offset = np.random.default_rng(seed).integers(0, 1 << 30, len(count))
-    rows = data.first[image] + (offset[image] + np.arange(num_samples) // len(count)) % count[image]
-    return image, rows
+def inception_weights(params: Params, paths: Paths) -> Path | None:
+    name = params.evaluate.inception_weights
+    if name is None:
+        return None
+    path = paths.root / name
+    if not path.is_file():
+        raise InputError(f"evaluate.inception_weights: {path} is not a file (torch-fidelity's Inception-v3 weights, e.g. weights-inception-2015-12-05-6726825d.pth)")
+    return path
 
 
 def run(params: Params, paths: Paths) -> dict:
     cfg = params.evaluate
     device = pick_device(params.device)
-    folder = paths.model("finetune")
-    model = Denoiser.load(folder).to(device).eval()
-    vae = saved_vae(folder)
-    if vae is not None:
-        vae.to(device)
-    scheduler = sampler(cfg.sampler, DDPMScheduler.from_pretrained(folder / "scheduler").config)
-    # Sampling is conditioned on captions: an `image` model takes the caption's text embedding for the image's.
-    mode = "tokens" if model.mode == "tokens" else "pooled"
-    resolution = model.sample_size * (vae_downscale(vae) if vae else 1)
-    test, captions = load_seed(paths, "test", Encoding.create(paths, resolution, mode))
-    if len(test) < 2:
-        raise InputError(f"{paths.seed_split('test')}: the Fréchet distance needs at least 2 test images, found {len(test)}")
-    if test.condition_size != model.condition_size:
-        raise InputError(
-            f"{paths.embedding_file('seed_captions', 'test')}: conditions have {test.condition_size} values, "
-            f"the model in {folder} was conditioned on {model.condition_size}"
-        )
+    inception = inception_weights(params, paths)
+    folders = {"main": paths.model("finetune")}
+    if cfg.baseline:
+        folders[SEED_ONLY] = paths.model("baseline")
+        if not (folders[SEED_ONLY] / "scheduler").is_dir():
+            raise InputError(f"{folders[SEED_ONLY]}: no seed-only model (evaluate.baseline is true: run `dextra baseline` first)")
+    model, _, resolution = load_model(folders["main"], device)
+    prompts = TestPrompts.load(paths, model.mode, resolution, cfg.num_samples, params.seed)
     bundle = load_clip(paths.clip, device)
 
-    image_index, rows = pick_captions(test, cfg.num_samples, params.seed)
-    texts = [captions[r] for r in rows]
-    generator = torch.Generator().manual_seed(params.seed)
-    conditions = test.condition_rows(rows).to(device)
-    generated = torch.cat(
-        [
-            sample(model, scheduler, chunk, cfg.sampling_steps, cfg.guidance_scale, generator, vae).cpu()
-            for chunk in tqdm(conditions.split(cfg.batch_size), desc="evaluate", unit="batch")
-        ]
-    )
-    real = test.pixels()
-    metrics = {
-        "clip_fd": clip_fd(bundle, real, generated, cfg.batch_size),
-        "clip_score": clip_score(bundle, generated, texts, cfg.batch_size),
-        "gt_clip_score": clip_score(bundle, real[torch.from_numpy(image_index)], texts, cfg.batch_size),
-    }
+    scores, grids = {}, {}
+    for label, folder in folders.items():
+        generated = generate(folder, prompts, cfg, params.seed, device, label)
+        scores[label] = score(bundle, prompts, generated, cfg, inception)
+        grids[label] = image_grid(generated[:GRID_SAMPLES], prompts.captions[:GRID_SAMPLES])
+    main = scores["main"]
+    summary = {**main, "gt_clip_score": clip_score(bundle, prompts.real[prompts.image_index], prompts.captions, cfg.batch_size)}
+    if SEED_ONLY in scores:
+        summary[SEED_ONLY] = scores[SEED_ONLY]
+        summary["difference"] = {name: main[name] - value for name, value in scores[SEED_ONLY].items()}
+
     with Live(dir=str(paths.live("evaluate")), save_dvc_exp=False, dvcyaml=None) as live:
-        for name, value in metrics.items():
-            live.log_metric(name, value, plot=False)
-        live.log_image("samples.png", image_grid(generated[:GRID_SAMPLES], texts[:GRID_SAMPLES]))
-    summary = {**{k: round(v, 5) for k, v in metrics.items()}, "num_samples": cfg.num_samples, "guidance_scale": cfg.guidance_scale}
+        for name, value in summary.items():
+            if not isinstance(value, dict):
+                live.log_metric(name, value, plot=False)
+        for label, grid in grids.items():
+            live.log_image("samples.png" if label == "main" else f"samples_{label}.png", grid)
+    summary = _rounded(summary) | {"num_samples": cfg.num_samples, "guidance_scale": cfg.guidance_scale}
     write_json(paths.metrics / "eval.json", summary)
     return summary
+
+
+def _rounded(values: dict) -> dict:
+    return {k: _rounded(v) if isinstance(v, dict) else round(v, 5) for k, v in values.items()}

@@ -27,7 +27,6 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from dvclive import Live
-from PIL import Image
 from tqdm import tqdm
 
 from dextra.pipeline.atomic import atomic_path
@@ -38,12 +37,13 @@ from dextra.pipeline.paths import Paths
 
 from . import checkpoint
 from .data import DataStream, TrainingSet
-from .model import Denoiser
+from .metrics import CheckpointMonitor
+from .model import Denoiser, vae_downscale
 from .sampling import image_grid, sample, sampler
 
 # Params that change how a run is watched, not what it computes: a checkpoint stays resumable when they change.
-BOOKKEEPING = {"log_every", "checkpoint_every", "checkpoints_kept", "grid_samples", "compile"}
-GRID_STEPS, GRID_GUIDANCE = 20, 3.0  # the checkpoint sample grids are feedback, not evaluation
+BOOKKEEPING = {"log_every", "checkpoint_every", "checkpoints_kept", "grid_samples", "monitor_samples", "compile"}
+GRID_STEPS, GRID_GUIDANCE = 20, 3.0  # checkpoint samples (grid, CLIP-FD monitor) are feedback, not evaluation
 
 
 def make_accelerator(params: Params) -> Accelerator:
@@ -73,6 +73,10 @@ def train(accelerator: Accelerator, model: Denoiser, data: TrainingSet, phase: P
     if found is None and warm_start:
         _warm_start(model, folder)
 
+    monitor = None
+    if main and cfg.monitor_samples:
+        resolution = model.sample_size * (vae_downscale(vae) if vae is not None else 1)
+        monitor = CheckpointMonitor(paths, model.mode, resolution, cfg.monitor_samples, params.seed, device)
     set_seed(params.seed, deterministic=cfg.deterministic)
     model.train_text_encoder(cfg.train_text_encoder)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type)
@@ -95,11 +99,17 @@ def train(accelerator: Accelerator, model: Denoiser, data: TrainingSet, phase: P
     live = Live(dir=str(paths.live(name)), save_dvc_exp=False, dvcyaml=None) if main else None
     for logged in progress.history:  # DVC emptied dvclive/<name> before re-running the stage
         _log(live, *logged)
+    for logged in progress.clip_fd:
+        _log_clip_fd(live, *logged)
 
     world, rank, batch, accumulate = accelerator.num_processes, accelerator.process_index, cfg.batch_size, cfg.gradient_accumulation_steps
     stream = DataStream(len(data), params.seed, name)
     grid_conditions = data.first_conditions(cfg.grid_samples).to(device)
     running, since_log = torch.zeros((), device=device), 0
+
+    def generate(conditions: torch.Tensor) -> torch.Tensor:
+        return _ema_samples(accelerator, model, ema, conditions.to(device), noise_scheduler, vae)
+
     model.train()
     bar = tqdm(total=phase.steps, initial=progress.step, desc=name, unit="step", disable=not main)
     started = time.perf_counter()
@@ -139,7 +149,10 @@ def train(accelerator: Accelerator, model: Denoiser, data: TrainingSet, phase: P
             bar.set_postfix(loss=f"{loss_value:.4f}", images_per_s=f"{rate:.0f}")
         if save:
             if main and cfg.grid_samples:
-                live.log_image("samples.png", _grid(accelerator, model, ema, grid_conditions, noise_scheduler, vae))
+                live.log_image("samples.png", image_grid(generate(grid_conditions)))
+            if monitor is not None:
+                progress.clip_fd.append([progress.step, monitor.clip_fd(generate)])
+                _log_clip_fd(live, *progress.clip_fd[-1])
             checkpoint.save(accelerator, folder, progress, cfg.checkpoints_kept)
     bar.close()
     seconds = time.perf_counter() - started
@@ -176,6 +189,12 @@ def _log(live: Live | None, step: int, loss: float, lr: float) -> None:
         live.next_step()
 
 
+def _log_clip_fd(live: Live | None, step: int, value: float) -> None:
+    if live is not None:
+        live.step = step
+        live.log_metric("clip_fd", value)
+
+
 def _warm_start(model: Denoiser, folder) -> None:
     """Load the EMA weights of the newest checkpoint in `folder` into `model` (nothing when there is none)."""
     found = checkpoint.newest_ema(folder)
@@ -191,8 +210,8 @@ def _warm_start(model: Denoiser, folder) -> None:
 
 
 @torch.no_grad()
-def _grid(accelerator: Accelerator, model, ema: EMAModel, conditions: torch.Tensor, noise_scheduler: DDPMScheduler, vae: AutoencoderKL | None) -> Image.Image:
-    """Samples of the EMA weights for the first training conditions (main process only; weights restored after)."""
+def _ema_samples(accelerator: Accelerator, model, ema: EMAModel, conditions: torch.Tensor, noise_scheduler: DDPMScheduler, vae: AutoencoderKL | None) -> torch.Tensor:
+    """Samples of the EMA weights (main process only; the training weights are restored after)."""
     net = accelerator.unwrap_model(model)
     ema.store(net.parameters())
     ema.copy_to(net.parameters())
@@ -201,4 +220,4 @@ def _grid(accelerator: Accelerator, model, ema: EMAModel, conditions: torch.Tens
         images = sample(net, sampler("ddim", noise_scheduler.config), conditions, GRID_STEPS, GRID_GUIDANCE, torch.Generator().manual_seed(0), vae)
     net.train()
     ema.restore(net.parameters())
-    return image_grid(images.float())
+    return images.float()

@@ -1,0 +1,113 @@
+"""The curation report as a person sees it: opened from disk in headless Chromium (Debian's chromium and
+chromium-driver, which .ci/run installs), every image loaded, the counts equal to decisions.parquet's.
+
+Where Chromium is not installed the browser test is skipped, except under CI (CI=true), where that is a failure.
+Set DEXTRA_SCREENSHOTS=<folder> to keep the full-page screenshot."""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dextra.filter import curate, report
+from dextra.pipeline.shards import DECISION_OUTCOMES, DECISION_SCHEMA, read_table
+
+from .test_curate import build_fixture
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CURATE = {"k_neighbors": 3, "seed_k": 3, "clusters_per_query": 2, "min_cluster_size": 3, "cluster_percentile": 1,
+          "cluster_detector": True, "class_detector": True, "distance_detector": "auto"}
+
+
+@pytest.fixture(scope="module")
+def curated_project(tmp_path_factory):
+    """curate on test_curate's fixture (every outcome, a leak among them), then report; returns (paths, params)."""
+    from dextra.pipeline.params import parse_params
+    import yaml
+
+    from .conftest import REPO, _merge
+
+    paths, _ = build_fixture(tmp_path_factory.mktemp("report"))
+    params = parse_params(_merge(yaml.safe_load((REPO / "params.yaml").read_text()), {"curate": CURATE, "report": {"gallery_size": 4}}))
+    curate.run(params, paths)
+    report.run(params, paths)
+    return paths, params
+
+
+def decision_counts(paths) -> dict[str, int]:
+    return dict(collections.Counter(read_table(paths.decisions, DECISION_SCHEMA, columns=["outcome"]).column("outcome").to_pylist()))
+
+
+def test_report_is_one_self_contained_file_with_every_outcome(curated_project):
+    paths, _ = curated_project
+    page = (paths.report / "index.html").read_text()
+    assert not re.search(r"""(src|href)=["'](?!data:|#)""", page), "everything is inline: the page opens from disk"
+    shown = {m[0]: int(m[1]) for m in re.findall(r"<tr data-outcome='(\w+)'><td>\w+</td><td class='count'>(\d+)</td>", page)}
+    expected = decision_counts(paths)
+    assert shown == {o: expected.get(o, 0) for o in DECISION_OUTCOMES}
+    assert "data-leak-of='t2'" in page  # the leak beside the seed test image it copies
+    histograms = sorted(p.name for p in (paths.live("report") / "plots" / "images").iterdir())
+    assert histograms == ["class_confidence.png", "cluster_similarity.png", "leak_hash_distance.png", "seed_similarity.png"]
+
+
+def test_report_needs_curate_first(tmp_path, make_params):
+    from dextra.pipeline.errors import InputError
+    from dextra.pipeline.paths import Paths
+
+    with pytest.raises(InputError, match="decisions.parquet: not found"):
+        report.run(make_params(), Paths(tmp_path))
+
+
+def chromium(tmp_path: Path):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must install Debian's chromium and chromium-driver (.ci/run does)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    # No network is reachable here: the background-networking flags keep Chromium from trying.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1366,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def test_report_in_headless_chromium(curated_project, tmp_path):
+    paths, _ = curated_project
+    driver = chromium(tmp_path)
+    try:
+        driver.get((paths.report / "index.html").resolve().as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt || i.title, i.complete, i.naturalWidth, i.getBoundingClientRect().width])"
+        )
+        assert len(images) >= 10
+        broken = [i for i in images if not (i[1] and i[2] > 0 and i[3] > 0)]
+        assert not broken, broken
+        shown = driver.execute_script(
+            "return Object.fromEntries(Array.from(document.querySelectorAll('#outcome-table tr[data-outcome]'))"
+            ".map(r => [r.dataset.outcome, Number(r.querySelector('.count').textContent)]))"
+        )
+        expected = decision_counts(paths)
+        assert shown == {o: expected.get(o, 0) for o in DECISION_OUTCOMES}
+        pairs = driver.execute_script("return Array.from(document.querySelectorAll('.pair')).map(p => [p.dataset.leakOf, p.querySelectorAll('img').length])")
+        assert pairs == [["t2", 2]]
+        # Readable on a laptop: nothing wider than the window.
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= 1366
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1366, min(height + 100, 8000))
+        shot = tmp_path / "report.png"
+        driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    assert Image.open(shot).width >= 1000
+    if os.environ.get("DEXTRA_SCREENSHOTS"):
+        Path(os.environ["DEXTRA_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["DEXTRA_SCREENSHOTS"]) / "report.png")

@@ -1,0 +1,106 @@
+"""How generated images are scored, by evaluate and at every training checkpoint.
+
+- CLIP-FD: Fréchet distance between CLIP image features of generated and real test images (torchmetrics'
+  FrechetInceptionDistance with CLIP as the feature network; needs no Inception weights, which the demo has to
+  live without). Features are L2-normalised, so values are small (0 = same distribution) and not comparable with
+  the paper's Inception FIDs.
+- FID: the standard Inception-v3 pool features (torchmetrics over torch-fidelity), from a local weights file
+  (evaluate.inception_weights): nothing is downloaded at run time.
+- CLIP score: torchmetrics' CLIPScore convention, 100 × mean max(cos(image, caption), 0); its own class only
+  takes Hugging Face CLIP models, not our open_clip one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from dextra.filter.clip import ClipBundle, load_clip
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.paths import Paths
+
+from .data import Encoding, TrainingSet, load_seed
+
+MONITOR_BATCH = 256
+
+
+class ClipFeatures(nn.Module):
+    """CLIP image features as torchmetrics' `feature=` network; with normalize=True it gets floats in [0, 1]."""
+
+    def __init__(self, bundle: ClipBundle):
+        super().__init__()
+        self.bundle = bundle  # a plain attribute: the CLIP weights stay out of the metric's state
+        self.num_features = bundle.embed_dim
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.bundle.encode_pixels(pixels)
+
+
+def _frechet(metric: FrechetInceptionDistance, real: torch.Tensor, generated: torch.Tensor, batch_size: int) -> float:
+    for images, is_real in ((real, True), (generated, False)):
+        for chunk in images.split(batch_size):
+            metric.update(chunk.to(metric.device), real=is_real)
+    return float(metric.compute())
+
+
+def clip_fd(bundle: ClipBundle, real: torch.Tensor, generated: torch.Tensor, batch_size: int) -> float:
+    return _frechet(FrechetInceptionDistance(feature=ClipFeatures(bundle), normalize=True).to(bundle.device), real, generated, batch_size)
+
+
+def inception_fid(weights: Path, real: torch.Tensor, generated: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """FID on Inception-v3's 2048 pool features; `weights` is torch-fidelity's pt_inception state dict."""
+    metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights))
+    return _frechet(metric.to(device), real, generated, batch_size)
+
+
+def clip_score(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str], batch_size: int) -> float:
+    texts = torch.from_numpy(bundle.encode_texts(list(captions)))
+    pixels = torch.cat([bundle.encode_pixels(chunk).float().cpu() for chunk in images.split(batch_size)])
+    return float(100 * (pixels * texts).sum(-1).clamp(min=0).mean())
+
+
+def pick_captions(data: TrainingSet, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image index, condition row) per sample: test images in order, cycling when there are fewer than
+    num_samples, each with a seeded random caption that moves on to the image's next caption every cycle."""
+    count = data.count
+    image = np.arange(num_samples) % len(count)
+    offset = np.random.default_rng(seed).integers(0, 1 << 30, len(count))
+    rows = data.first[image] + (offset[image] + np.arange(num_samples) // len(count)) % count[image]
+    return image, rows
+
+
+@dataclass
+class TestPrompts:
+    """Seed test captions to sample for, with the real test images they are scored against."""
+
+    conditions: torch.Tensor  # one row per sample: caption embedding, or token ids for a `tokens` model
+    captions: list[str]
+    image_index: torch.Tensor  # the test image each caption belongs to
+    real: torch.Tensor  # every test image in [0, 1] at the generated resolution
+
+    @classmethod
+    def load(cls, paths: Paths, model_mode: str, resolution: int, num_samples: int, seed: int) -> "TestPrompts":
+        # An `image` model is sampled from caption text embeddings: they share CLIP's space with image embeddings.
+        mode = "tokens" if model_mode == "tokens" else "pooled"
+        test, captions = load_seed(paths, "test", Encoding.create(paths, resolution, mode))
+        if len(test) < 2:
+            raise InputError(f"{paths.seed_split('test')}: the Fréchet distance needs at least 2 test images, found {len(test)}")
+        image_index, rows = pick_captions(test, num_samples, seed)
+        return cls(test.condition_rows(rows), [captions[r] for r in rows], torch.from_numpy(image_index), test.pixels())
+
+
+class CheckpointMonitor:
+    """CLIP-FD of the EMA model's samples for seed test captions, at every checkpoint: the curve shows whether more
+    steps still bring samples closer to the test set, and for pretrain how far the extra set alone gets."""
+
+    def __init__(self, paths: Paths, model_mode: str, resolution: int, num_samples: int, seed: int, device: torch.device):
+        self.prompts = TestPrompts.load(paths, model_mode, resolution, num_samples, seed)
+        self.bundle = load_clip(paths.clip, device)
+
+    def clip_fd(self, generate: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        return clip_fd(self.bundle, self.prompts.real, generate(self.prompts.conditions), MONITOR_BATCH)
