@@ -25,7 +25,7 @@ from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import IMAGE_SCHEMA, read_embeddings, sha256_hex, write_embeddings, write_table
 from dextra.train import baseline, checkpoint, data as data_module, evaluate, finetune, pretrain
 from dextra.train.data import DataStream, Encoding, cache_dir, load_extra, load_seed
-from dextra.train.metrics import ClipFeatures, clip_fd, inception_fid
+from dextra.train.metrics import ClipFeatures, clip_fd, clip_score, inception_fid
 from dextra.train.model import ConditionProjector, Denoiser, TokenConditioner, build_denoiser, load_vae
 from dextra.train.sampling import null_guidance, sample
 from dextra.train.trainer import make_accelerator
@@ -296,6 +296,20 @@ def test_clip_fd_is_zero_for_same_set_and_grows_with_shift(chain):
     assert abs(same) < 1e-4
     assert shifted > 100 * max(abs(same), 1e-6)
     assert ClipFeatures(bundle)(images[:2]).shape == (2, bundle.embed_dim)
+
+
+def test_clip_score_is_the_mean_clipped_cosine_of_each_pair(chain):
+    paths, _, _ = chain
+    bundle = clip_stage.load_clip(paths.clip)
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    captions = [f"a {NAMES[i % 2]} square number {i}" for i in range(6)]
+    cosines = (bundle.encode_pixels(images).float() * torch.from_numpy(bundle.encode_texts(captions))).sum(-1)
+    expected = float(100 * cosines.clamp(min=0).mean())
+    assert clip_score(bundle, images, captions, batch_size=4) == pytest.approx(expected, rel=1e-5)
+    order = [5, 3, 1, 0, 2, 4]  # moving pairs together keeps the score; splitting them changes it
+    assert clip_score(bundle, images[order], [captions[i] for i in order], batch_size=4) == pytest.approx(expected, rel=1e-5)
+    assert clip_score(bundle, images, [captions[i] for i in order], batch_size=4) != pytest.approx(expected, rel=1e-3)
+    assert 0 <= expected <= 100
 
 
 def random_inception_weights(path: Path) -> Path:
