@@ -14,6 +14,7 @@ SMALL = {
     "demo": {"n_seed": 120, "n_web": 200},
     "fetch": {"processes": 1, "threads": 8},
     "clip": {"train_epochs": 2, "batch_size": 32},
+    "train": {"monitor_samples": 8},
     "pretrain": {"steps": 20, "warmup_steps": 2},
     "finetune": {"steps": 10, "warmup_steps": 2},
     "evaluate": {"num_samples": 16, "sampling_steps": 3, "batch_size": 16},
