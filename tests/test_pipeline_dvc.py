@@ -8,7 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from dextra.pipeline.paths import Paths
+
 from .conftest import REPO
+from .test_report import check_in_browser, have_browser
 
 SMALL = {
     "demo": {"n_seed": 120, "n_web": 200},
@@ -51,6 +54,8 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
     decisions = pq.read_table(tmp_path / "data" / "curated" / "decisions.parquet")
     assert decisions.num_rows == 200  # one row per crawled URL
     assert (tmp_path / "data" / "report" / "index.html").stat().st_size > 1000
+    if have_browser():  # the pipeline's own report, as a person opens it
+        check_in_browser(Paths(tmp_path), tmp_path / "browser", gallery_size=params_dict(**SMALL)["report"]["gallery_size"])
     shown = dvc(tmp_path, "metrics", "show")
     assert "clip_fd" in shown and "seed_only.clip_fd" in shown and "difference.clip_fd" in shown
     plots = dvc(tmp_path, "plots", "show", "--json")
