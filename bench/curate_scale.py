@@ -1,16 +1,19 @@
 """curate's core at scale: synthetic unit vectors (d = 512, 10k seed images in 100 classes, 2k test images) with
 100k and 1M crawled images (in-domain, wrong-class, off-topic, near copies), no images, so copies are found by
-CLIP similarity alone. Each size runs in its own process, so its peak RSS is its own.
+CLIP similarity alone. Each size runs in its own process; its peak RSS is counted from when the synthetic
+inputs are built (they are included; the generator's own temporaries are not).
 
     python bench/curate_scale.py [--sizes 100000 1000000]
 
 Targets (issue 4): 1M in < 10 min on 2 cores with peak RSS < 4 GiB; time grows ≤ 11x from 100k to 1M.
-Writes bench/results/curate_scale.json.
+Records wall and CPU seconds of the core, peak RSS, and the machine's load average around each run (other
+processes on a shared machine stretch wall time, less so CPU time). Writes bench/results/curate_scale.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -58,6 +61,11 @@ def synthetic(n_crawl: int, rng: np.random.Generator):
     return seed, crawl
 
 
+def _peak_rss_kib() -> int:
+    """VmHWM: the peak resident set since the last reset through /proc/self/clear_refs."""
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1])
+
+
 def measure(n_crawl: int) -> dict:
     """Runs in a child process: build the data, time the core, report peak RSS."""
     import torch
@@ -65,15 +73,24 @@ def measure(n_crawl: int) -> dict:
     from dextra.filter.curate import curate_core
     from dextra.pipeline.params import CurateParams
 
+    import faiss
+
     seed, crawl = synthetic(n_crawl, np.random.default_rng(0))
-    started = time.perf_counter()
+    generation_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count, so it is curate's (inputs included)
+    load_before = os.getloadavg()[0]
+    started, cpu_started = time.perf_counter(), time.process_time()
     decisions, extrapolation, _ = curate_core(seed, crawl, CurateParams(), 0, torch.device("cpu"))
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     outcomes = dict(zip(*np.unique(decisions.outcome.astype(str), return_counts=True)))
     return {
         "crawled": n_crawl,
         "seconds": round(seconds, 1),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "threads": {"faiss": faiss.omp_get_max_threads(), "torch": torch.get_num_threads()},
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "peak_rss_gib": round(_peak_rss_kib() / 2**20, 2),
+        "data_generation_peak_rss_gib": round(generation_peak_gib, 2),
         "outcomes": {k: int(v) for k, v in outcomes.items()},
         "kept": int(len(extrapolation.rows)),
     }
@@ -91,8 +108,8 @@ def main() -> None:
     for size in args.sizes:
         out = subprocess.run([sys.executable, __file__, "--child", str(size)], capture_output=True, text=True, check=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{size:>9,} crawled: {runs[-1]['seconds']:7.1f} s, peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB, kept {runs[-1]['kept']:,}")
-    result = {"dim": DIM, "seed_images": SEED_IMAGES, "test_images": TEST_IMAGES, "runs": runs}
+        print(f"{size:>9,} crawled: {runs[-1]['seconds']:7.1f} s ({runs[-1]['cpu_seconds']:.0f} CPU s, load {runs[-1]['load_average_1min']}), peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB, kept {runs[-1]['kept']:,}")
+    result = {"dim": DIM, "seed_images": SEED_IMAGES, "test_images": TEST_IMAGES, "cores": os.cpu_count(), "runs": runs}
     if len(runs) >= 2:
         result["time_growth"] = round(runs[-1]["seconds"] / runs[0]["seconds"], 2)
         result["size_growth"] = runs[-1]["crawled"] / runs[0]["crawled"]

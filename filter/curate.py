@@ -37,7 +37,7 @@ from dextra.pipeline.shards import (
 from .dedup import LeakBank, exact_duplicates, near_duplicates
 from .detectors import ClassDetector, cluster_detector, seed_spread_threshold
 from .extrapolate import extrapolate_batch
-from .index import build_index, search
+from .index import SEARCH_BATCH, add_to_lists, build_index, inner_products, lists_over, search, search_lists
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Crawl:
     digests: list[str]
     hashes: list[bytes] | None
     images: list[bytes] | None
+    urls: list[str] | None = None  # copies keep their first URL, and k-means meets rows in URL order
 
 
 @dataclass
@@ -91,9 +92,10 @@ class Decisions:
 
     def drop(self, rows, outcome: str, details) -> None:
         """Give `outcome` to the rows that have none yet: the first reason found is the one recorded."""
-        for row, detail in zip(rows, details):
-            if self.outcome[row] is None:
-                self.outcome[row], self.detail[row] = outcome, detail
+        rows = np.asarray(rows, np.int64)
+        still_open = self.outcome[rows] == None  # noqa: E711 (elementwise)
+        self.outcome[rows[still_open]] = outcome
+        self.detail[rows[still_open]] = np.asarray(details, object)[still_open]
 
     def open_rows(self) -> np.ndarray:
         return np.flatnonzero(self.outcome == None)  # noqa: E711 (elementwise)
@@ -109,26 +111,65 @@ class Extrapolation:
     text: np.ndarray
 
 
+LIST_ROWS = 500_000  # crawled images held in inverted lists at once (fp16 codes: 0.5 GB at d = 512)
+
+
+def _crawl_neighbors(vectors: np.ndarray, rows: np.ndarray, seed_index, seed_scores: np.ndarray, seed_neighbors: np.ndarray, cfg: CurateParams, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Each of `vectors[rows]`'s k nearest neighbours among them (positions into rows). Exact up to
+    exact_index_max; beyond, inverted lists whose centres are the seed images: every crawled image is filed
+    under its nearest seed image and probes its nprobe nearest ones, all already known exactly, so lists cost
+    no training and a probe scans about nprobe · n / n_seed images. The lists hold LIST_ROWS images at a time;
+    each part's neighbours are merged by (similarity, position)."""
+    if len(rows) <= cfg.exact_index_max:
+        members = vectors[rows]
+        return search(build_index(members, cfg.exact_index_max), members, k)
+    batches = [np.arange(start, min(len(rows), start + SEARCH_BATCH)) for start in range(0, len(rows), SEARCH_BATCH)]
+    scores, neighbors = np.empty((len(rows), 0), np.float32), np.empty((len(rows), 0), np.int64)
+    for part in range(0, len(rows), LIST_ROWS):
+        lists = lists_over(seed_index)
+        for start in range(part, min(len(rows), part + LIST_ROWS), SEARCH_BATCH):
+            held = rows[start : min(start + SEARCH_BATCH, part + LIST_ROWS)]
+            add_to_lists(lists, vectors[held], seed_neighbors[held, 0])
+        found = [search_lists(lists, vectors[rows[b]], k, seed_neighbors[rows[b], : cfg.nprobe], seed_scores[rows[b], : cfg.nprobe]) for b in batches]
+        del lists
+        part_neighbors = np.concatenate([f[1] for f in found])
+        scores = np.concatenate([scores, np.concatenate([f[0] for f in found])], axis=1)
+        neighbors = np.concatenate([neighbors, np.where(part_neighbors >= 0, part_neighbors + part, -1)], axis=1)
+        best = np.lexsort((np.where(neighbors >= 0, neighbors, len(rows)), -scores), axis=-1)[:, :k]
+        scores, neighbors = np.take_along_axis(scores, best, 1), np.take_along_axis(neighbors, best, 1)
+    return scores, neighbors
+
+
 def curate_core(seed: Seed, crawl: Crawl, cfg: CurateParams, random_seed: int, device: torch.device) -> tuple[Decisions, Extrapolation, dict]:
-    """Decide every crawled image and extrapolate the kept ones; also returns the thresholds used."""
+    """Decide every crawled image and extrapolate the kept ones; also returns the thresholds used.
+    The same inputs give the same outputs bit for bit, whatever the number of threads (filter/index.py)."""
     n = len(crawl.ids)
     d = Decisions.empty(n)
     position = {image_id: row for row, image_id in enumerate(crawl.ids)}
+    # Where order matters (which copy a group keeps, k-means' sample), rows go in URL order, not url_id order:
+    # url_ids hash the whole URL, so the demo's file:// URLs in another folder would shuffle the rows.
+    by_url = np.array(sorted(range(n), key=crawl.urls.__getitem__) if crawl.urls is not None else range(n), np.int64)
+    url_rank = np.empty(n, np.int64)
+    url_rank[by_url] = np.arange(n)
 
-    for copy, original in exact_duplicates(crawl.ids, crawl.digests).items():
+    # The seed search comes first: its neighbours are scores, extrapolation neighbours and near-copy lists.
+    seed_index = build_index(seed.vectors, cfg.exact_index_max, nprobe=cfg.nprobe, seed=random_seed)
+    seed_scores, seed_neighbors = search(seed_index, crawl.vectors, max(cfg.seed_k, cfg.k_neighbors, cfg.nprobe))
+    d.seed_similarity[:] = seed_scores[:, : cfg.seed_k].mean(axis=1)
+
+    for copy, original in exact_duplicates([crawl.ids[r] for r in by_url], [crawl.digests[r] for r in by_url]).items():
         d.duplicate_of[position[copy]] = original
         d.drop([position[copy]], "duplicate", ["same bytes"])
     candidates = d.open_rows()
-    crawl_index = build_index(crawl.vectors[candidates], cfg.exact_index_max, nprobe=cfg.nprobe, seed=random_seed)
-    neighbor_scores, neighbor_rows = search(crawl_index, crawl.vectors[candidates], 10)
-    del crawl_index
+    neighbor_scores, neighbor_rows = _crawl_neighbors(crawl.vectors, candidates, seed_index, seed_scores, seed_neighbors, cfg)
     near = near_duplicates(
         [crawl.ids[r] for r in candidates], neighbor_rows, neighbor_scores, cfg.near_duplicate_similarity,
         [crawl.hashes[r] for r in candidates] if crawl.hashes is not None else None,
         (lambda j: crawl.images[candidates[j]]) if crawl.images is not None else None,
         cfg.near_duplicate_hash_distance,
+        url_rank[candidates],
     )
-    del neighbor_scores, neighbor_rows
+    del neighbor_scores, neighbor_rows, seed_scores
     for copy, original in near.items():
         d.duplicate_of[position[copy]] = original
         d.drop([position[copy]], "duplicate", ["near copy"])
@@ -142,22 +183,18 @@ def curate_core(seed: Seed, crawl: Crawl, cfg: CurateParams, random_seed: int, d
         closest, matched = LeakBank(seed.test_ids, seed.test_images).matches(crawl.hashes, cfg.leak_hash_distance)
         d.leak_hash_distance[:] = closest
         for row in np.flatnonzero(closest <= cfg.leak_hash_distance):
-            similarities = seed.test_vectors[matched[row]] @ crawl.vectors[row].astype(np.float32)
+            similarities = inner_products(crawl.vectors[row : row + 1], seed.test_vectors, matched[row][None])[0]
             best = int(similarities.argmax())
             if similarities[best] >= cfg.leak_similarity:
                 test_id = seed.test_ids[matched[row][best]]
                 d.leak_of[row], d.leak_similarity[row] = test_id, similarities[best]
                 d.drop([row], "leak", [f"copies seed test image {test_id}: pHash within {cfg.leak_hash_distance} bits, CLIP {similarities[best]:.3f}"])
 
-    seed_index = build_index(seed.vectors, cfg.exact_index_max, nprobe=cfg.nprobe, seed=random_seed)
-    seed_scores, seed_neighbors = search(seed_index, crawl.vectors, max(cfg.seed_k, cfg.k_neighbors))  # once, for scores and extrapolation
-    d.seed_similarity[:] = seed_scores[:, : cfg.seed_k].mean(axis=1)
-    del seed_scores
     thresholds = {}
-
     if cfg.cluster_detector:
         thresholds["cluster"] = seed_spread_threshold(seed_index, seed.vectors, cfg.seed_k, cfg.cluster_percentile)
-        rows = d.open_rows()  # copies and leaks don't shape clusters
+        # Copies and leaks don't shape clusters.
+        rows = by_url[d.outcome[by_url] == None]  # noqa: E711 (elementwise)
         labels, centre = cluster_detector(crawl.vectors, rows, [crawl.queries[r] for r in rows], seed_index, cfg.seed_k, cfg.clusters_per_query, cfg.min_cluster_size, random_seed)
         d.cluster[rows], d.cluster_similarity[rows] = labels, centre
         far = np.flatnonzero(centre < thresholds["cluster"])
@@ -167,8 +204,9 @@ def curate_core(seed: Seed, crawl: Crawl, cfg: CurateParams, random_seed: int, d
     if cfg.class_detector and has_classes:
         predicted, confidence = ClassDetector(seed.vectors, seed.classes, cfg.classifier_c, random_seed).predict(crawl.vectors)
         d.predicted_class[:], d.class_confidence[:] = predicted, confidence
-        wrong = [r for r in range(n) if crawl.classes[r] is not None and predicted[r] != crawl.classes[r]]
-        d.drop(wrong, "class", [f"looks like class {predicted[r]} ({confidence[r]:.2f}), query is for class {crawl.classes[r]}" for r in wrong])
+        query_class = np.asarray(crawl.classes, object)
+        wrong = np.flatnonzero((query_class != None) & (predicted != query_class))  # noqa: E711 (elementwise)
+        d.drop(wrong, "class", [f"looks like class {predicted[r]} ({confidence[r]:.2f}), query is for class {query_class[r]}" for r in wrong])
         unsure = np.flatnonzero(confidence < cfg.min_class_confidence)
         d.drop(unsure, "class", [f"class confidence {confidence[r]:.2f} < {cfg.min_class_confidence}" for r in unsure])
 
@@ -180,8 +218,8 @@ def curate_core(seed: Seed, crawl: Crawl, cfg: CurateParams, random_seed: int, d
     kept = d.open_rows()
     d.outcome[kept] = "kept"
     neighbors = seed_neighbors[kept, : cfg.k_neighbors]
-    weights, text = extrapolate_batch(seed.vectors, seed.caption_features, crawl.vectors[kept], neighbors, cfg.ridge, device)
-    return d, Extrapolation(kept, neighbors, weights, text.astype(np.float16)), thresholds
+    weights, text = extrapolate_batch(seed.vectors, seed.caption_features, crawl.vectors, neighbors, cfg.ridge, device, target_rows=kept)
+    return d, Extrapolation(kept, neighbors, weights, text), thresholds
 
 
 def _caption_features(paths: Paths, seed_ids: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -237,7 +275,7 @@ def load_crawl(paths: Paths, rows: pa.Table) -> Crawl:
     unembedded = [i for i in ids if i not in position]
     if unembedded:
         raise InputError(f"{paths.embeddings / 'crawl_images'}: no embedding for crawled image {unembedded[0]} (re-run `dextra embed`)")
-    meta = {r["url_id"]: r for r in rows.select(["url_id", "query", "class"]).to_pylist()}
+    meta = {r["url_id"]: r for r in rows.select(["url_id", "url", "query", "class"]).to_pylist()}
     hashes = info.column("phash").to_pylist() if "phash" in info.column_names else None
     images, digests = shards.column("image").to_pylist(), shards.column("sha256").to_pylist()
     return Crawl(
@@ -248,6 +286,7 @@ def load_crawl(paths: Paths, rows: pa.Table) -> Crawl:
         digests=[digests[by_id[i]] for i in ids],
         hashes=[hashes[position[i]] for i in ids] if hashes is not None else None,
         images=[images[by_id[i]] for i in ids],
+        urls=[meta[i]["url"] for i in ids],
     )
 
 

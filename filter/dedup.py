@@ -69,13 +69,15 @@ def near_duplicates(
     hashes: Sequence[bytes] | None,
     image_bytes: Callable[[int], bytes] | None,
     max_distance: int,
+    rank: np.ndarray | None = None,
 ) -> dict[str, str]:
-    """{id: the id kept for its group} for every image that copies an earlier one (groups by union-find).
+    """{id: the id kept for its group} for every other member of a group of copies (groups by union-find).
 
     neighbors/similarities: each image's CLIP nearest neighbours within the crawl. A pair above min_similarity is
-    a copy if the pHash of one is within max_distance of the crop bank of the other; without images (hashes
-    None) CLIP similarity decides alone.
+    a copy if the pHash of the later one (by `rank`, default position) is within max_distance of the crop bank of
+    the earlier one; without images (hashes None) CLIP similarity decides alone. A group keeps its earliest member.
     """
+    rank = np.arange(len(ids)) if rank is None else np.asarray(rank)
     parent = list(range(len(ids)))
 
     def root(i: int) -> int:
@@ -85,18 +87,19 @@ def near_duplicates(
         return i
 
     banks: dict[int, np.ndarray] = {}
-    for i in range(len(ids)):
-        for j, similarity in zip(neighbors[i], similarities[i]):
-            if j < 0 or j == i or similarity < min_similarity or root(i) == root(j):
+    queries = np.broadcast_to(np.arange(len(ids))[:, None], neighbors.shape)
+    close = (neighbors >= 0) & (neighbors != queries) & (similarities >= min_similarity)  # few pairs: copies only
+    for i, j in zip(queries[close].tolist(), neighbors[close].tolist()):
+        if root(i) == root(j):
+            continue
+        if hashes is not None:
+            a, b = (i, j) if rank[i] < rank[j] else (j, i)
+            if a not in banks:
+                banks[a] = crop_bank(image_bytes(a))
+            if hamming(banks[a], np.frombuffer(hashes[b], np.uint8)).min() > max_distance:
                 continue
-            if hashes is not None:
-                a, b = (i, j) if i < j else (j, i)
-                if a not in banks:
-                    banks[a] = crop_bank(image_bytes(a))
-                if hamming(banks[a], np.frombuffer(hashes[b], np.uint8)).min() > max_distance:
-                    continue
-            ri, rj = root(i), root(j)
-            parent[max(ri, rj)] = min(ri, rj)
+        ri, rj = root(i), root(j)
+        parent[max(ri, rj, key=rank.__getitem__)] = min(ri, rj, key=rank.__getitem__)
     return {ids[i]: ids[root(i)] for i in range(len(ids)) if root(i) != i}
 
 

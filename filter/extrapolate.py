@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-CHUNK = 65_536
+CHUNK = 8_192  # (CHUNK, k, d) float32 neighbour and caption blocks stay under 100 MB each
 
 
 def extrapolate(neighbors: torch.Tensor, target: torch.Tensor, neighbor_texts: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,16 +21,20 @@ def extrapolate(neighbors: torch.Tensor, target: torch.Tensor, neighbor_texts: t
 
 
 def extrapolate_batch(
-    seed_images: np.ndarray, seed_texts: np.ndarray, targets: np.ndarray, neighbor_rows: np.ndarray, ridge: float, device: torch.device
+    seed_images: np.ndarray, seed_texts: np.ndarray, targets: np.ndarray, neighbor_rows: np.ndarray, ridge: float, device: torch.device,
+    target_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """extrapolate() for every target, given its neighbours' rows in the seed arrays; on `device`, in chunks."""
-    if not len(targets):
-        return np.zeros((0, neighbor_rows.shape[1]), np.float32), np.zeros((0, seed_texts.shape[1]), np.float32)
-    weights, texts = [], []
+    """extrapolate() for every target (for targets[target_rows] when given: no copy of the kept vectors), given
+    its neighbours' rows in the seed arrays; on `device`, in chunks. Returns float32 weights and float16 text
+    features (as the shards store them), filled chunk by chunk."""
+    n = len(targets) if target_rows is None else len(target_rows)
+    weights = np.empty((n, neighbor_rows.shape[1]), np.float32)
+    texts = np.empty((n, seed_texts.shape[1]), np.float16)
     as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)  # noqa: E731
-    for start in range(0, len(targets), CHUNK):
-        rows = neighbor_rows[start : start + CHUNK]
-        w, s = extrapolate(as_tensor(seed_images[rows]), as_tensor(targets[start : start + CHUNK]), as_tensor(seed_texts[rows]), ridge)
-        weights.append(w.cpu().numpy())
-        texts.append(s.cpu().numpy())
-    return np.concatenate(weights), np.concatenate(texts)
+    images, captions = as_tensor(seed_images), as_tensor(seed_texts)  # gathered on the device, not copied per chunk by numpy
+    for start in range(0, n, CHUNK):
+        end = min(n, start + CHUNK)
+        rows = torch.as_tensor(neighbor_rows[start:end], device=device)
+        chunk = targets[start:end] if target_rows is None else targets[target_rows[start:end]]
+        weights[start:end], texts[start:end] = (t.cpu().numpy() for t in extrapolate(images[rows], as_tensor(chunk), captions[rows], ridge))
+    return weights, texts

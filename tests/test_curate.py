@@ -245,3 +245,73 @@ def test_missing_inputs_name_the_file(tmp_path, make_params):
     with pytest.raises(InputError, match="no embedding for crawled image"):
         curate.run(make_params(), paths)
     assert not paths.decisions.exists()
+
+
+def synthetic_core_inputs(n_crawl: int = 4000, n_seed: int = 400, dim: int = 64):
+    """Seed images in 8 classes and a crawl with in-domain, wrong-class and off-topic images and near copies,
+    large enough that faiss searches through BLAS. The off-topic images share one vector: many exact ties."""
+    rng = np.random.default_rng(5)
+    centres = unit(rng.normal(size=(8, dim)))
+    seed_classes = np.arange(n_seed) % 8
+    seed = curate.Seed(
+        ids=[f"s{i}" for i in range(n_seed)], vectors=unit(centres[seed_classes] + 0.3 * rng.normal(size=(n_seed, dim))),
+        classes=[str(c) for c in seed_classes], caption_features=unit(rng.normal(size=(n_seed, dim))), first_captions=[f"class {c}" for c in seed_classes],
+        test_ids=[f"t{i}" for i in range(40)], test_vectors=unit(centres[np.arange(40) % 8] + 0.3 * rng.normal(size=(40, dim))), test_images=None,
+    )
+    query_class = rng.integers(0, 8, n_crawl)
+    shown = np.where(rng.random(n_crawl) < 0.2, rng.integers(0, 8, n_crawl), query_class)
+    vectors = centres[shown] + 0.3 * rng.normal(size=(n_crawl, dim))
+    vectors[rng.random(n_crawl) < 0.2] = rng.normal(size=dim)
+    copies = np.flatnonzero(rng.random(n_crawl) < 0.1)
+    vectors[copies] = vectors[copies - 1] + 0.05 * rng.normal(size=(len(copies), dim))
+    crawl = curate.Crawl(
+        ids=[f"c{i:05d}" for i in range(n_crawl)], vectors=unit(vectors).astype(np.float16), queries=[f"class {c}" for c in query_class],
+        classes=[str(c) for c in query_class], digests=[str(i) for i in range(n_crawl)], hashes=None, images=None,
+        urls=[f"http://web.example/{i:05d}.jpg" for i in range(n_crawl)],
+    )
+    return seed, crawl
+
+
+@pytest.mark.parametrize("exact_index_max", [100_000, 300])  # exact indexes; IVF seed index and seed-filed crawl lists
+def test_curate_is_identical_whatever_the_thread_count(make_params, exact_index_max):
+    import faiss
+
+    seed, crawl = synthetic_core_inputs()
+    cfg = make_params(curate={"cluster_detector": True, "class_detector": True, "distance_detector": "on", "exact_index_max": exact_index_max}).curate
+    faiss_threads, torch_threads = faiss.omp_get_max_threads(), torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            torch.set_num_threads(threads)
+            runs.append(curate.curate_core(seed, crawl, cfg, 0, torch.device("cpu")))
+    finally:
+        faiss.omp_set_num_threads(faiss_threads)
+        torch.set_num_threads(torch_threads)
+    (one, extra_one, thresholds_one), (two, extra_two, thresholds_two) = runs
+    assert thresholds_one == thresholds_two
+    assert len(set(one.outcome)) >= 4  # kept, duplicate, class and distance or cluster: every detector decided something
+    for name in vars(one):  # every decision and score, bit for bit
+        np.testing.assert_array_equal(getattr(one, name), getattr(two, name), err_msg=name)
+    for name in vars(extra_one):
+        np.testing.assert_array_equal(getattr(extra_one, name), getattr(extra_two, name), err_msg=name)
+
+
+def test_curate_does_not_depend_on_row_order(make_params):
+    """Rows are sorted by url_id, a hash of the URL: the demo's file:// URLs in another folder shuffle them."""
+    seed, crawl = synthetic_core_inputs()
+    cfg = make_params(curate={"cluster_detector": True, "class_detector": True, "distance_detector": "on", "exact_index_max": 300}).curate
+    shuffled = np.random.default_rng(0).permutation(len(crawl.ids))
+    moved = curate.Crawl(
+        ids=[crawl.ids[r] for r in shuffled], vectors=crawl.vectors[shuffled], queries=[crawl.queries[r] for r in shuffled],
+        classes=[crawl.classes[r] for r in shuffled], digests=[crawl.digests[r] for r in shuffled], hashes=None, images=None,
+        urls=[crawl.urls[r] for r in shuffled],
+    )
+    one, extra_one, _ = curate.curate_core(seed, crawl, cfg, 0, torch.device("cpu"))
+    two, extra_two, _ = curate.curate_core(seed, moved, cfg, 0, torch.device("cpu"))
+    assert (one.outcome == "duplicate").sum() > 0 and len(set(one.cluster) - {None}) > 8
+    for name in vars(one):
+        np.testing.assert_array_equal(getattr(one, name)[shuffled], getattr(two, name), err_msg=name)
+    kept_one = {crawl.ids[r]: (tuple(n), w.tobytes()) for r, n, w in zip(extra_one.rows, extra_one.neighbor_rows, extra_one.weights)}
+    kept_two = {moved.ids[r]: (tuple(n), w.tobytes()) for r, n, w in zip(extra_two.rows, extra_two.neighbor_rows, extra_two.weights)}
+    assert kept_one == kept_two
