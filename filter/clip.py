@@ -2,7 +2,10 @@
 
 The model comes from open_clip: a model name with a pretrained tag or local checkpoint, or a config bundled in
 filter/clip_configs/ (the demo's, trained here from scratch because no weights can be downloaded). With
-`clip.train_epochs > 0` it is trained contrastively on the seed train pairs with open_clip's ClipLoss.
+`clip.train_epochs > 0` it is trained contrastively on the seed train pairs with open_clip's ClipLoss, optionally
+with augmented images (`clip.augment`) and a cross-entropy on the seed classes (`clip.class_loss_weight`): trained
+from scratch on a thousand images, plain CLIP learns whatever tells a batch's pairs apart most cheaply (the demo's
+colours), and the class term makes it also learn what the classes differ in, which the class detector needs.
 models/clip/ then holds the config and the weights, so loading needs nothing but that folder.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from open_clip.loss import ClipLoss
 from PIL import Image
 from tqdm import tqdm
@@ -113,30 +117,71 @@ def decode(image_bytes: bytes) -> Image.Image:
     return Image.open(io.BytesIO(image_bytes)).convert("RGB")
 
 
-def _pairs_loss(bundle: ClipBundle, pixels: torch.Tensor, texts: torch.Tensor, loss_fn: ClipLoss, batch_size: int) -> float:
-    """Mean contrastive loss over fixed batches, without gradients: the held-out score for early stopping."""
+def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Changes no caption mentions, drawn per image: a small rotation, scale and shift (edge pixels repeated, so a
+    textured background stays textured), strokes thickened or thinned by a 3x3 max or min filter, a light blur.
+    Never colour changes or flips ("a red 3" stays red, and a mirrored 3 is no 3). Pixels in [0, 1], (N, 3, H, W)."""
+    n = len(pixels)
+    uniform = lambda low, high: low + (high - low) * torch.rand(n, generator=generator)
+    angle, scale = uniform(-np.pi / 12, np.pi / 12), uniform(0.55, 1.05)
+    room = (1 - scale).clamp(min=0)
+    shift = torch.stack([uniform(-1, 1) * room, uniform(-1, 1) * room], 1)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # output -> input coordinates
+    theta = torch.cat([rotation, -(rotation @ shift[..., None])], 2)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    out = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    stroke = torch.rand(n, generator=generator)[:, None, None, None]
+    out = torch.where(stroke < 0.2, F.max_pool2d(out, 3, 1, 1), torch.where(stroke > 0.8, -F.max_pool2d(-out, 3, 1, 1), out))
+    blur = torch.rand(n, generator=generator)[:, None, None, None] < 0.3
+    return torch.where(blur, TF.gaussian_blur(out, [3, 3], [0.8, 0.8]), out).clamp(0, 1)
+
+
+class _Objective(torch.nn.Module):
+    """open_clip's ClipLoss, plus `weight` x cross-entropy of a linear head on the image features (scaled by
+    CLIP's own temperature) against the seed classes, when there are classes and a weight."""
+
+    def __init__(self, embed_dim: int, n_classes: int, weight: float):
+        super().__init__()
+        self.clip_loss, self.weight = ClipLoss(), weight if n_classes > 1 else 0.0
+        self.head = torch.nn.Linear(embed_dim, n_classes) if self.weight else None
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        loss = self.clip_loss(image, text, scale)
+        return loss + self.weight * F.cross_entropy(self.head(image) * scale, labels) if self.head is not None else loss
+
+
+def _pairs_loss(bundle: ClipBundle, pixels: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor, objective: _Objective, batch_size: int) -> float:
+    """Mean training objective over fixed batches, without gradients: the held-out score for early stopping."""
     losses = []
     with torch.no_grad():
         for start in range(0, len(pixels), batch_size):
-            image, text, scale = bundle.model(pixels[start : start + batch_size].to(bundle.device), texts[start : start + batch_size].to(bundle.device))
-            losses.append(loss_fn(image, text, scale).item())
+            part = slice(start, start + batch_size)
+            image, text, scale = bundle.model(pixels[part].to(bundle.device), texts[part].to(bundle.device))
+            losses.append(objective(image, text, scale, labels[part].to(bundle.device)).item())
     return float(np.mean(losses))
 
 
-def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Sequence[Sequence[str]], params: Params) -> list[dict]:
+def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Sequence[Sequence[str]], params: Params,
+                      classes: Sequence[str | None] | None = None) -> list[dict]:
     """Contrastive training on (image, random one of its captions) pairs, keeping the weights of the epoch with
-    the lowest loss on a held-out part of the pairs (first captions), and stopping after `patience` epochs
-    without a better one. Returns per-epoch train and held-out losses."""
+    the lowest loss on a held-out part of the pairs (first captions, images not augmented), and stopping after
+    `patience` epochs without a better one. `classes` (one per image, None where unknown) feed the class term
+    when `clip.class_loss_weight` > 0 and every image has one. Returns per-epoch train and held-out losses."""
     cfg = params.clip
     generator = torch.Generator().manual_seed(params.seed)
     rng = random.Random(params.seed)
     pixels = torch.stack([bundle.preprocess(decode(b)) for b in images])
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (bundle.mean, bundle.std))
+    index = {name: i for i, name in enumerate(sorted(set(classes)))} if classes is not None and None not in classes else {}
+    labels = torch.tensor([index[c] for c in classes]) if index else torch.zeros(len(images), dtype=torch.long)
+    objective = _Objective(bundle.embed_dim, len(index), cfg.class_loss_weight).to(bundle.device)
     order = torch.randperm(len(images), generator=generator)
     n_holdout = int(round(len(images) * cfg.holdout_fraction)) if len(images) >= 4 else 0
     held, train = order[:n_holdout], order[n_holdout:]
     held_texts = bundle.tokenizer([captions[i][0] for i in held.tolist()]) if n_holdout else None
-    model, loss_fn = bundle.model, ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = bundle.model
+    optimizer = torch.optim.AdamW([*model.parameters(), *objective.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = min(cfg.batch_size, len(train))
     steps_per_epoch = max(1, len(train) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.train_epochs * steps_per_epoch, pct_start=0.1)
@@ -150,15 +195,16 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
         for step in range(steps_per_epoch):
             batch = shuffled[step * batch_size : (step + 1) * batch_size]
             texts = bundle.tokenizer([rng.choice(captions[i]) for i in batch.tolist()]).to(bundle.device)
-            image_features, text_features, logit_scale = model(pixels[batch].to(bundle.device), texts)
-            loss = loss_fn(image_features, text_features, logit_scale)
+            batch_pixels = (augment(pixels[batch] * std + mean, generator) - mean) / std if cfg.augment else pixels[batch]
+            image_features, text_features, logit_scale = model(batch_pixels.to(bundle.device), texts)
+            loss = objective(image_features, text_features, logit_scale, labels[batch].to(bundle.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
         model.eval()
-        held_loss = _pairs_loss(bundle, pixels[held], held_texts, loss_fn, batch_size) if n_holdout else float(np.mean(losses))
+        held_loss = _pairs_loss(bundle, pixels[held], held_texts, labels[held], objective, batch_size) if n_holdout else float(np.mean(losses))
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "heldout_loss": held_loss})
         if held_loss < best_loss:
             best_loss, best_epoch, best_state = held_loss, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -194,10 +240,11 @@ def run(params: Params, paths: Paths) -> dict:
     bundle.model.eval()
     history: list[dict] = []
     if params.clip.train_epochs:
-        train = read_table(paths.seed_split("train"), columns=["image", "captions"])
+        train = read_table(paths.seed_split("train"), columns=["image", "captions", "class"])
         if train.num_rows < 2:
             raise InputError(f"{paths.seed_split('train')}: needs at least 2 images to train CLIP, has {train.num_rows}")
-        history = train_contrastive(bundle, train.column("image").to_pylist(), train.column("captions").to_pylist(), params)
+        history = train_contrastive(bundle, train.column("image").to_pylist(), train.column("captions").to_pylist(), params,
+                                    train.column("class").to_pylist())
     test = read_table(paths.seed_split("test"), columns=["image", "captions"])
     recall = retrieval_recall(bundle, test.column("image").to_pylist(), test.column("captions").to_pylist(), params)
     with atomic_path(paths.clip) as tmp:

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import read_embeddings, sha256_hex, write_table
 
+TINY = "dextra-digits-tiny"  # the stage's mechanics on a model that learns in a few steps (no batch norm to warm up)
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
@@ -31,7 +33,7 @@ def seeded(tmp_path, png, make_params):
     paths = Paths(tmp_path)
     seed_shard(paths.seed_split("train"), png, 32, "train")
     seed_shard(paths.seed_split("test"), png, 8, "test", prefix="t")
-    params = make_params(clip={"train_epochs": 12, "batch_size": 16, "lr": 0.002}, embed={"batch_size": 8})
+    params = make_params(clip={"model": TINY, "train_epochs": 12, "batch_size": 16, "lr": 0.002}, embed={"batch_size": 8})
     return paths, params
 
 
@@ -63,6 +65,46 @@ def test_clip_stops_early_and_keeps_the_best_epoch(seeded):
     assert len(epochs) < 30  # stopped: the held-out loss stopped improving
     best = min(range(len(epochs)), key=lambda e: epochs[e]["heldout_loss"] if epochs[e]["heldout_loss"] == epochs[e]["heldout_loss"] else float("inf"))
     assert len(epochs) - 1 - best == 2
+
+
+def test_augment_is_seeded_and_changes_no_colour():
+    rng = np.random.default_rng(0)
+    digits = torch.tensor(rng.random((6, 3, 32, 32)), dtype=torch.float32)
+    first = clip.augment(digits, torch.Generator().manual_seed(1))
+    assert first.shape == digits.shape and 0 <= first.min() and first.max() <= 1
+    assert torch.equal(first, clip.augment(digits, torch.Generator().manual_seed(1)))
+    assert not torch.allclose(first, clip.augment(digits, torch.Generator().manual_seed(2)))
+    # A plain image keeps its exact colour whatever the draw: the caption's colour words stay true.
+    plain = torch.tensor(list(COLOURS.values()), dtype=torch.float32).div(255).view(4, 3, 1, 1).expand(4, 3, 32, 32)
+    assert torch.allclose(clip.augment(plain.contiguous(), torch.Generator().manual_seed(3)), plain, atol=1e-5)
+
+
+def test_class_loss_teaches_what_captions_do_not_say(tmp_path, png, make_params):
+    """Captions that never name the colour give plain CLIP no reason to separate colours; the class term does."""
+    paths = Paths(tmp_path)
+    seed_shard(paths.seed_split("train"), png, 32, "train")
+    seed_shard(paths.seed_split("test"), png, 8, "test", prefix="t")
+    table = pq.read_table(paths.seed_split("train"))
+    images, classes = table.column("image").to_pylist(), table.column("class").to_pylist()
+    captions = [["a square", "one shape"]] * len(images)
+
+    def spread(weight, with_classes=True):
+        params = make_params(clip={"model": TINY, "train_epochs": 8, "batch_size": 16, "lr": 0.002, "augment": True,
+                                     "class_loss_weight": weight})
+        torch.manual_seed(0)
+        bundle = clip.create(params.clip.model, None, torch.device("cpu"))
+        history = clip.train_contrastive(bundle, images, captions, params, classes if with_classes else [None] * len(images))
+        vectors = torch.from_numpy(embed.embed_images(bundle, images, params)[0])
+        same = torch.tensor([[a == b for b in classes] for a in classes])
+        similarity = vectors @ vectors.T
+        return history, float(similarity[same].mean() - similarity[~same].mean())
+
+    history, separated = spread(1.0)
+    plain = spread(0.0)
+    assert len(history) >= 1 and all(np.isfinite(e["heldout_loss"]) for e in history)
+    assert separated > plain[1] + 0.3
+    # Without classes (a COCO-like seed) the weight is ignored: the run equals plain CLIP's.
+    assert spread(1.0, with_classes=False) == plain
 
 
 def test_clip_bad_inputs(tmp_path, make_params):
