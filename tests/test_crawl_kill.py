@@ -23,7 +23,7 @@ from tests.test_crawl_safety import Web, encoded, loopback_only_env, project, st
 N_IMAGES, N_MISSING, KILLS = 800, 40, 6
 
 
-def _slow(reply, delay_s: float = 0.01):
+def _slow(reply, delay_s: float = 0.03):
     """Each image takes a little while, so that kills land in the middle of shards."""
     def slowed(h):
         time.sleep(delay_s)
@@ -92,8 +92,10 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
             web.hits.clear()
             before, old_journal = len(read_status(paths)), set(_journal(paths))
             process = _fetch(paths.root, env)
-            if kills % 2:  # at any moment of start-up: lock, consolidation, imports, spawning workers
-                time.sleep(rng.uniform(0.2, 8.0))
+            if kills % 2:  # at any moment of start-up (lock, consolidation, imports, spawning workers), at the latest at its first commit
+                deadline = time.monotonic() + rng.uniform(0.2, 8.0)
+                while time.monotonic() < deadline and process.poll() is None and not set(_journal(paths)) - old_journal:
+                    time.sleep(0.05)
             else:  # while shards are being fetched and committed: soon after this run's first commit
                 while process.poll() is None and not set(_journal(paths)) - old_journal:
                     time.sleep(0.05)
