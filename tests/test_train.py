@@ -25,7 +25,7 @@ from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import IMAGE_SCHEMA, read_embeddings, sha256_hex, write_embeddings, write_table
 from dextra.train import baseline, checkpoint, data as data_module, evaluate, finetune, pretrain
 from dextra.train.data import DataStream, Encoding, cache_dir, load_extra, load_seed
-from dextra.train.metrics import ClipFeatures, clip_fd, clip_score, inception_fid
+from dextra.train.metrics import ClipFeatures, clip_fd, clip_frechet, clip_score, inception_fid
 from dextra.train.model import ConditionProjector, Denoiser, TokenConditioner, build_denoiser, load_vae
 from dextra.train.sampling import null_guidance, sample
 from dextra.train.trainer import make_accelerator
@@ -296,6 +296,9 @@ def test_clip_fd_is_zero_for_same_set_and_grows_with_shift(chain):
     assert abs(same) < 1e-4
     assert shifted > 100 * max(abs(same), 1e-6)
     assert ClipFeatures(bundle)(images[:2]).shape == (2, bundle.embed_dim)
+    # One distance to fixed real images scores several sets as fresh metrics would.
+    distance = clip_frechet(bundle, images, batch_size=16)
+    assert [distance(images * 0.5 + 0.5), distance(images)] == pytest.approx([shifted, same], abs=1e-4)
 
 
 def test_clip_score_is_the_mean_clipped_cosine_of_each_pair(chain):

@@ -22,7 +22,7 @@ from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import EvaluateParams, Params
 from dextra.pipeline.paths import Paths
 
-from .metrics import TestPrompts, clip_fd, clip_score, inception_fid
+from .metrics import Frechet, TestPrompts, clip_frechet, clip_score, inception_frechet
 from .model import Denoiser, saved_vae, vae_downscale
 from .sampling import image_grid, sample, sampler
 
@@ -39,12 +39,12 @@ def load_model(folder: Path, device: torch.device) -> tuple[Denoiser, object, in
     return model, vae, model.sample_size * (vae_downscale(vae) if vae else 1)
 
 
-def generate(folder: Path, prompts: TestPrompts, cfg: EvaluateParams, seed: int, device: torch.device, label: str) -> torch.Tensor:
-    model, vae, _ = load_model(folder, device)
+def generate(model: Denoiser, vae, folder: Path, prompts: TestPrompts, cfg: EvaluateParams, seed: int, label: str) -> torch.Tensor:
     if prompts.conditions.shape[1] != model.condition_size:
         raise InputError(f"{folder}: the model was conditioned on {model.condition_size} values, the seed test captions have {prompts.conditions.shape[1]}")
     scheduler = sampler(cfg.sampler, DDPMScheduler.from_pretrained(folder / "scheduler").config)
     generator = torch.Generator().manual_seed(seed)  # the same noise for every model compared
+    device = next(model.parameters()).device
     return torch.cat(
         [
             sample(model, scheduler, chunk.to(device), cfg.sampling_steps, cfg.guidance_scale, generator, vae).cpu()
@@ -53,11 +53,8 @@ def generate(folder: Path, prompts: TestPrompts, cfg: EvaluateParams, seed: int,
     )
 
 
-def score(bundle: ClipBundle, prompts: TestPrompts, generated: torch.Tensor, cfg: EvaluateParams, inception: Path | None) -> dict[str, float]:
-    metrics = {"clip_fd": clip_fd(bundle, prompts.real, generated, cfg.batch_size), "clip_score": clip_score(bundle, generated, prompts.captions, cfg.batch_size)}
-    if inception is not None:
-        metrics["fid"] = inception_fid(inception, prompts.real, generated, cfg.batch_size, bundle.device)
-    return metrics
+def score(distances: dict[str, Frechet], bundle: ClipBundle, prompts: TestPrompts, generated: torch.Tensor, batch_size: int) -> dict[str, float]:
+    return {**{name: distance(generated) for name, distance in distances.items()}, "clip_score": clip_score(bundle, generated, prompts.captions, batch_size)}
 
 
 def inception_weights(params: Params, paths: Paths) -> Path | None:
@@ -79,14 +76,19 @@ def run(params: Params, paths: Paths) -> dict:
         folders[SEED_ONLY] = paths.model("baseline")
         if not (folders[SEED_ONLY] / "scheduler").is_dir():
             raise InputError(f"{folders[SEED_ONLY]}: no seed-only model (evaluate.baseline is true: run `dextra baseline` first)")
-    model, _, resolution = load_model(folders["main"], device)
-    prompts = TestPrompts.load(paths, model.mode, resolution, cfg.num_samples, params.seed)
+    models = {label: load_model(folder, device) for label, folder in folders.items()}  # each loaded once
+    main_model, _, resolution = models["main"]
+    prompts = TestPrompts.load(paths, main_model.mode, resolution, cfg.num_samples, params.seed)
     bundle = load_clip(paths.clip, device)
+    distances = {"clip_fd": clip_frechet(bundle, prompts.real, cfg.batch_size)}
+    if inception is not None:
+        distances["fid"] = inception_frechet(inception, prompts.real, cfg.batch_size, device)
 
     scores, grids = {}, {}
     for label, folder in folders.items():
-        generated = generate(folder, prompts, cfg, params.seed, device, label)
-        scores[label] = score(bundle, prompts, generated, cfg, inception)
+        model, vae, _ = models[label]
+        generated = generate(model, vae, folder, prompts, cfg, params.seed, label)
+        scores[label] = score(distances, bundle, prompts, generated, cfg.batch_size)
         grids[label] = image_grid(generated[:GRID_SAMPLES], prompts.captions[:GRID_SAMPLES])
     main = scores["main"]
     summary = {**main, "gt_clip_score": clip_score(bundle, prompts.real[prompts.image_index], prompts.captions, cfg.batch_size)}

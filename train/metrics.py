@@ -41,21 +41,39 @@ class ClipFeatures(nn.Module):
         return self.bundle.encode_pixels(pixels)
 
 
-def _frechet(metric: FrechetInceptionDistance, real: torch.Tensor, generated: torch.Tensor, batch_size: int) -> float:
-    for images, is_real in ((real, True), (generated, False)):
-        for chunk in images.split(batch_size):
-            metric.update(chunk.to(metric.device), real=is_real)
-    return float(metric.compute())
+class Frechet:
+    """A Fréchet distance to fixed real images: their features are extracted once, however many image sets
+    (the model, the seed-only baseline) are scored against them."""
+
+    def __init__(self, metric: FrechetInceptionDistance, real: torch.Tensor, batch_size: int):
+        self.metric, self.batch_size = metric, batch_size
+        for chunk in real.split(batch_size):
+            metric.update(chunk.to(metric.device), real=True)
+
+    def __call__(self, generated: torch.Tensor) -> float:
+        self.metric.reset()  # keeps the real images' statistics (reset_real_features=False)
+        for chunk in generated.split(self.batch_size):
+            self.metric.update(chunk.to(self.metric.device), real=False)
+        return float(self.metric.compute())
+
+
+def clip_frechet(bundle: ClipBundle, real: torch.Tensor, batch_size: int) -> Frechet:
+    metric = FrechetInceptionDistance(feature=ClipFeatures(bundle), normalize=True, reset_real_features=False)
+    return Frechet(metric.to(bundle.device), real, batch_size)
+
+
+def inception_frechet(weights: Path, real: torch.Tensor, batch_size: int, device: torch.device) -> Frechet:
+    """FID on Inception-v3's 2048 pool features; `weights` is torch-fidelity's pt_inception state dict."""
+    metric = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False, feature_extractor_weights_path=str(weights))
+    return Frechet(metric.to(device), real, batch_size)
 
 
 def clip_fd(bundle: ClipBundle, real: torch.Tensor, generated: torch.Tensor, batch_size: int) -> float:
-    return _frechet(FrechetInceptionDistance(feature=ClipFeatures(bundle), normalize=True).to(bundle.device), real, generated, batch_size)
+    return clip_frechet(bundle, real, batch_size)(generated)
 
 
 def inception_fid(weights: Path, real: torch.Tensor, generated: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """FID on Inception-v3's 2048 pool features; `weights` is torch-fidelity's pt_inception state dict."""
-    metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights))
-    return _frechet(metric.to(device), real, generated, batch_size)
+    return inception_frechet(weights, real, batch_size, device)(generated)
 
 
 def clip_score(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str], batch_size: int) -> float:
@@ -100,7 +118,7 @@ class CheckpointMonitor:
 
     def __init__(self, paths: Paths, model_mode: str, resolution: int, num_samples: int, seed: int, device: torch.device):
         self.prompts = TestPrompts.load(paths, model_mode, resolution, num_samples, seed)
-        self.bundle = load_clip(paths.clip, device)
+        self.distance = clip_frechet(load_clip(paths.clip, device), self.prompts.real, MONITOR_BATCH)  # real features once
 
     def clip_fd(self, generate: Callable[[torch.Tensor], torch.Tensor]) -> float:
-        return clip_fd(self.bundle, self.prompts.real, generate(self.prompts.conditions), MONITOR_BATCH)
+        return self.distance(generate(self.prompts.conditions))
