@@ -24,8 +24,13 @@ def _gray(image_bytes: bytes) -> Image.Image:
     return Image.open(io.BytesIO(image_bytes)).convert("L")
 
 
+def _packed_phash(gray: Image.Image) -> np.ndarray:
+    """imagehash's 64-bit pHash packed into 8 bytes."""
+    return np.packbits(imagehash.phash(gray).hash.flatten())
+
+
 def phash_image(image: Image.Image) -> bytes:
-    return np.packbits(imagehash.phash(image.convert("L")).hash.flatten()).tobytes()
+    return _packed_phash(image.convert("L")).tobytes()
 
 
 def phash(image_bytes: bytes) -> bytes:
@@ -40,7 +45,7 @@ def crop_bank(image_bytes: bytes) -> np.ndarray:
     for left, top, right, bottom in itertools.product(CROP_FRACTIONS, repeat=4):
         crop = image.crop((round(left * w), round(top * h), w - round(right * w), h - round(bottom * h)))
         for view in (crop, ImageOps.mirror(crop)):
-            hashes.append(np.packbits(imagehash.phash(view).hash.flatten()))
+            hashes.append(_packed_phash(view))
     return np.stack(hashes)
 
 

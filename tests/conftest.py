@@ -23,11 +23,14 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def repo_params_dict(**overrides) -> dict:
+    """The repository's params.yaml as a dict, merged with nested overrides."""
+    return _merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+
+
 @pytest.fixture
 def params_dict():
-    """The repository's params.yaml as a dict, merged with nested overrides."""
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
-    return lambda **overrides: _merge(base, overrides)
+    return repo_params_dict
 
 
 @pytest.fixture

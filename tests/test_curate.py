@@ -129,6 +129,13 @@ def test_duplicates_exact_and_near():
     assert hamming(np.frombuffer(phash(images[0]), np.uint8), np.frombuffer(phash(images[2]), np.uint8)) > 0
 
 
+# Curate params for build_fixture with both detectors on (the distance detector is off: the seed has classes).
+EVERY_DETECTOR = {
+    "k_neighbors": 3, "seed_k": 3, "clusters_per_query": 2, "min_cluster_size": 3, "cluster_percentile": 1,
+    "cluster_detector": True, "class_detector": True, "distance_detector": "auto",
+}
+
+
 def build_fixture(root):
     """Three seed classes; crawled images near their class, of the wrong class, off-topic, copies and errors."""
     paths = Paths(root)
@@ -194,10 +201,7 @@ def build_fixture(root):
 
 def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params):
     paths, caption_features = build_fixture(tmp_path)
-    params = make_params(curate={
-        "k_neighbors": 3, "seed_k": 3, "clusters_per_query": 2, "min_cluster_size": 3, "cluster_percentile": 1,
-        "cluster_detector": True, "class_detector": True, "distance_detector": "auto",
-    })
+    params = make_params(curate=EVERY_DETECTOR)
     summary = curate.run(params, paths)
 
     decisions = {r["url_id"]: r for r in read_table(paths.decisions, DECISION_SCHEMA).to_pylist()}

@@ -15,25 +15,20 @@ import pytest
 from PIL import Image
 
 from dextra.filter import curate, report
+from dextra.pipeline.params import parse_params
 from dextra.pipeline.shards import DECISION_OUTCOMES, DECISION_SCHEMA, read_table
 
-from .test_curate import build_fixture
+from .conftest import repo_params_dict
+from .test_curate import EVERY_DETECTOR, build_fixture
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-CURATE = {"k_neighbors": 3, "seed_k": 3, "clusters_per_query": 2, "min_cluster_size": 3, "cluster_percentile": 1,
-          "cluster_detector": True, "class_detector": True, "distance_detector": "auto"}
 
 
 @pytest.fixture(scope="module")
 def curated_project(tmp_path_factory):
     """curate on test_curate's fixture (every outcome, a leak among them), then report; returns (paths, params)."""
-    from dextra.pipeline.params import parse_params
-    import yaml
-
-    from .conftest import REPO, _merge
-
     paths, _ = build_fixture(tmp_path_factory.mktemp("report"))
-    params = parse_params(_merge(yaml.safe_load((REPO / "params.yaml").read_text()), {"curate": CURATE, "report": {"gallery_size": 4}}))
+    params = parse_params(repo_params_dict(curate=EVERY_DETECTOR, report={"gallery_size": 4}))
     curate.run(params, paths)
     report.run(params, paths)
     return paths, params
