@@ -23,7 +23,7 @@ from dextra.pipeline.params import EvaluateParams, Params
 from dextra.pipeline.paths import Paths
 
 from .metrics import Frechet, TestPrompts, clip_frechet, clip_score, inception_frechet
-from .model import Denoiser, saved_vae, vae_downscale
+from .model import Denoiser, image_resolution, saved_vae
 from .sampling import image_grid, sample, sampler
 
 GRID_SAMPLES = 32
@@ -36,7 +36,7 @@ def load_model(folder: Path, device: torch.device) -> tuple[Denoiser, object, in
     vae = saved_vae(folder)
     if vae is not None:
         vae.to(device)
-    return model, vae, model.sample_size * (vae_downscale(vae) if vae else 1)
+    return model, vae, image_resolution(model, vae)
 
 
 def generate(model: Denoiser, vae, folder: Path, prompts: TestPrompts, cfg: EvaluateParams, seed: int, label: str) -> torch.Tensor:

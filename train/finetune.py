@@ -9,7 +9,7 @@ from dextra.pipeline.paths import Paths
 
 from .checkpoint import folder_digest
 from .data import Encoding, load_seed
-from .model import Denoiser, saved_vae, vae_downscale
+from .model import Denoiser, image_resolution, saved_vae
 from .trainer import make_accelerator, train
 
 
@@ -18,7 +18,7 @@ def run(params: Params, paths: Paths) -> dict:
     source = paths.model("pretrain")
     model = Denoiser.load(source)
     vae = saved_vae(source)
-    resolution = model.sample_size * (vae_downscale(vae) if vae else 1)
+    resolution = image_resolution(model, vae)
     encoding = Encoding.create(paths, resolution, model.mode, vae, params.train.random_flip, accelerator.device)
     with accelerator.local_main_process_first():
         data, _ = load_seed(paths, "train", encoding)

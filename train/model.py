@@ -175,6 +175,11 @@ def vae_downscale(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def image_resolution(model: "Denoiser", vae: AutoencoderKL | None) -> int:
+    """The side in pixels of the images `model` generates (through `vae`, for a latent model)."""
+    return model.sample_size * (vae_downscale(vae) if vae is not None else 1)
+
+
 def build_condition(cfg: TrainParams, embed_dim: int, clip_folder: Path) -> ConditionProjector | TokenConditioner:
     if cfg.conditioning == "tokens":
         return TokenConditioner.from_clip(clip_folder, cfg.cross_attention_dim)

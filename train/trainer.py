@@ -38,7 +38,7 @@ from dextra.pipeline.paths import Paths
 from . import checkpoint
 from .data import DataStream, TrainingSet
 from .metrics import CheckpointMonitor
-from .model import Denoiser, vae_downscale
+from .model import Denoiser, image_resolution
 from .sampling import image_grid, sample, sampler
 
 # Params that change how a run is watched, not what it computes: a checkpoint stays resumable when they change.
@@ -75,8 +75,7 @@ def train(accelerator: Accelerator, model: Denoiser, data: TrainingSet, phase: P
 
     monitor = None
     if main and cfg.monitor_samples:
-        resolution = model.sample_size * (vae_downscale(vae) if vae is not None else 1)
-        monitor = CheckpointMonitor(paths, model.mode, resolution, cfg.monitor_samples, params.seed, device)
+        monitor = CheckpointMonitor(paths, model.mode, image_resolution(model, vae), cfg.monitor_samples, params.seed, device)
     set_seed(params.seed, deterministic=cfg.deterministic)
     model.train_text_encoder(cfg.train_text_encoder)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type)
