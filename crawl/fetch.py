@@ -22,15 +22,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..pipeline.atomic import write_json
 from ..pipeline.errors import ParamsError
 from ..pipeline.manifest import load_manifest
 from ..pipeline.params import FetchParams, Params
 from ..pipeline.paths import Paths
-from ..pipeline.shards import URL_SCHEMA, read_tables, sha256_hex, write_table
+from ..pipeline.shards import URL_SCHEMA, read_tables, sha256_hex, shard_files, write_table
 from .safety import Policy
 from .status import CRAWL_STATUS_SCHEMA, commit, consolidate, crawl_lock, next_run, work_root
 from .worker import guarded_img2dataset, outcome
 
+IMAGE_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality")
 USER_AGENT_TOKEN = "img2dataset"  # the name X-Robots-Tag directives address img2dataset crawlers by
 OUTCOMES = ("ok", "error", "refused", "opt-out")
 
@@ -173,6 +175,19 @@ def _download(todo: pa.Table, paths: Paths, run_name: str, attempts: dict[str, i
     return rows
 
 
+def _check_image_settings(paths: Paths, fetch: FetchParams) -> None:
+    """data/crawl persists and fetched URLs are never fetched again, so a run with other image settings would store
+    new images unlike the old ones without a word. Refuse it, naming the setting and both ways on."""
+    record = paths.crawl / "image_settings.json"
+    wanted = {name: getattr(fetch, name) for name in IMAGE_SETTINGS}
+    stored = json.loads(record.read_text()) if record.exists() else wanted
+    changed = [name for name in IMAGE_SETTINGS if stored.get(name) != wanted[name]]
+    if changed and shard_files(paths.crawl_shards):
+        raise ParamsError("; ".join(f"fetch.{name}: {wanted[name]!r}, but the images in {paths.crawl_shards} were stored with {stored.get(name)!r}" for name in changed)
+                          + f". Fetched URLs are never fetched again, so only new ones would get the new setting: set it back, or delete {paths.crawl} to fetch every URL again")
+    write_json(record, wanted)
+
+
 def _retryable(status: pa.Table, transient_retries: int) -> pa.ChunkedArray:
     """Rows whose failure was transient and that have been tried at most `transient_retries` times."""
     return pc.and_(status["transient"], pc.less_equal(status["attempts"], transient_retries))
@@ -225,6 +240,7 @@ def run(params: Params, paths: Paths) -> dict:
         todo, summary = _select(urls, status, fetch.transient_retries)
         if not todo.num_rows:
             return summary
+        _check_image_settings(paths, fetch)
         summary["run"] = run_name = next_run(paths)
         attempts = dict(zip(status["url_id"].to_pylist(), status["attempts"].to_pylist()))
         rows = _download(todo, paths, run_name, attempts, policy, fetch)

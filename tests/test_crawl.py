@@ -108,6 +108,7 @@ IMAGES = {
     "/good.png": encoded(Image.new("RGB", (50, 100), "blue"), "PNG"),
     "/new1.jpg": encoded(Image.new("RGB", (40, 40), "green"), "JPEG"),
     "/new2.jpg": encoded(Image.new("RGB", (40, 60), "yellow"), "JPEG"),
+    "/new3.jpg": encoded(Image.new("RGB", (60, 40), "purple"), "JPEG"),
 }
 FAILURES = {  # path -> (reply, what its error must say)
     "/missing.jpg": (static(b"not found", 404), "HTTP 404: Not Found"),
@@ -234,6 +235,21 @@ def test_fetch_again_fetches_only_new_urls(crawled, web, capsys):
     status = read_table(paths.crawl_status, STATUS_SCHEMA)
     assert status.num_rows == 9 and len(set(status["url_id"].to_pylist())) == 9
     assert not (paths.crawl / ".img2dataset").exists()
+
+
+def test_fetch_refuses_other_image_settings_than_the_stored_images(crawled, web):
+    root = crawled["root"]
+    with open(root / "lists" / "web.csv", "a") as f:
+        f.write(f"{web.base}/new3.jpg,new three,green,g\n")
+    params, paths = project(root, crawled["sources"], web=web, image_size=48, encode_format="png", encode_quality=6)
+    urls.run(params, paths)
+    before = _snapshot(paths.crawl)
+    web.hits.clear()
+    with pytest.raises(ParamsError, match=r"^fetch\.image_size: 48, but the images in .* were stored with 32; fetch\.encode_format: 'png', .*'jpg'; fetch\.encode_quality: 6, .* 95\. .*delete"):
+        fetch.run(params, paths)
+    assert _snapshot(paths.crawl) == before and not web.hits
+    params, paths = project(root, crawled["sources"], web=web)  # back to the stored settings: the new URL is fetched
+    assert fetch.run(params, paths)["ok"] == 1 and web.hits == Counter({"/new3.jpg": 1})
 
 
 def test_a_second_fetch_on_the_same_folder_is_refused(crawled, web):
