@@ -2,9 +2,9 @@
 
     python bench/embed.py [--root .] [--repeats 3]
 
-stage: filter.embed.embed_images on encoded crawled images (decode, preprocess and pHash in DataLoader workers,
-then the forward pass); model only: the same model, batch size and device on preprocessed tensors already in
-memory. Ratio = stage images/s ÷ model-only images/s (issue 4's target: ≥ 0.8 on CPU with the demo model).
+stage: filter.embed.embed_images on encoded crawled images (decode, preprocess and pHash a batch at a time, in
+DataLoader workers when embed.num_workers > 0, then the forward pass); model only: the same model, batch size and
+device on preprocessed tensors already in memory. Ratio = stage images/s ÷ model-only images/s (issue 4's target: ≥ 0.8 on CPU with the demo model).
 Writes bench/results/embed.json.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dextra.filter.clip import decode, load_clip
+from dextra.filter.clip import decode_pixels, load_clip, preprocess_pixels
 from dextra.filter.embed import embed_images
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.device import pick_device
@@ -42,7 +42,7 @@ def main() -> None:
     paths, params = Paths(Path(args.root)), load_params(Path(args.root) / "params.yaml")
     bundle = load_clip(paths.clip, pick_device(params.device))
     images = read_tables(shard_files(paths.crawl_shards), columns=["image"]).column("image").to_pylist()
-    pixels = torch.stack([bundle.preprocess(decode(b)) for b in images])
+    pixels = preprocess_pixels(bundle.preprocess, [decode_pixels(b) for b in images])
     batch = params.embed.batch_size
     stage, model = [], []
     for _ in range(args.repeats):

@@ -1,4 +1,5 @@
 """The clip stage trains and saves an open_clip model that embed (and every later stage) loads back."""
+import io
 import json
 
 import numpy as np
@@ -6,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from dextra.filter import clip, embed
 from dextra.pipeline.errors import InputError, ParamsError
@@ -115,6 +117,34 @@ def test_clip_bad_inputs(tmp_path, make_params):
     assert not (tmp_path / "models").exists()
     with pytest.raises(InputError, match="run `dextra clip` first"):
         clip.load_clip(tmp_path / "models" / "clip")
+
+
+def encoded(image, fmt, **options):
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def test_batched_decoding_and_preprocessing_match_pil_image_by_image(seeded):
+    paths, params = seeded
+    bundle = clip.create(TINY, None, torch.device("cpu"))
+    cells = np.random.default_rng(1).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    picture = Image.fromarray(cells).resize((32, 48), Image.Resampling.NEAREST)
+    files = [encoded(picture, "JPEG", quality=85), encoded(picture, "PNG"), encoded(picture.convert("P"), "PNG"),
+             encoded(picture.convert("L"), "JPEG"), encoded(picture.convert("RGBA"), "PNG"), encoded(picture, "WEBP", lossless=True),
+             encoded(picture, "BMP"), encoded(picture.convert("I;16"), "PNG"), encoded(picture.convert("CMYK"), "JPEG"),
+             encoded(picture.resize((40, 40)), "PNG")]  # BMP and 16-bit PNG: PIL's decoding, as torchvision has none or another
+    pixels = [clip.decode_pixels(data) for data in files]
+    for data, decoded in zip(files, pixels):
+        assert torch.equal(decoded, torch.from_numpy(np.array(clip.decode(data))).permute(2, 0, 1))
+    batched = clip.preprocess_pixels(bundle.preprocess, pixels)
+    one_by_one = torch.stack([bundle.preprocess(clip.decode(data)) for data in files])
+    assert batched.shape == (len(files), 3, 32, 32)
+    assert (batched - one_by_one).abs().mean() < 0.01  # torch's and PIL's bicubic differ a little where an image is resized
+    same_size = [i for i, data in enumerate(files) if min(Image.open(io.BytesIO(data)).size) == 32]
+    assert torch.allclose(batched[same_size], one_by_one[same_size], atol=1e-5)  # only cropped: the same pixels
+    with pytest.raises(Exception):
+        clip.decode_pixels(b"<html>not an image</html>")
 
 
 def test_embed_is_incremental(seeded, png):

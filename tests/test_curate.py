@@ -1,6 +1,7 @@
 """Curate on hand-built embeddings and images, so every decision and extrapolation has a known answer."""
 import io
 
+import imagehash
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -8,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 
 from dextra.filter import curate
-from dextra.filter.dedup import LeakBank, exact_duplicates, hamming, near_duplicates, phash
+from dextra.filter.dedup import LeakBank, exact_duplicates, hamming, near_duplicates, phash, phashes
 from dextra.filter.detectors import ClassDetector, cluster_detector, seed_spread_threshold
 from dextra.filter.extrapolate import extrapolate
 from dextra.filter.index import build_index, describe, search
@@ -100,6 +101,18 @@ def test_class_detector_predicts_the_seed_class():
     detector = ClassDetector(seed, [str(i % 3) for i in range(60)], regularisation=10, random_state=0)
     predicted, confidence = detector.predict(unit(centres + 0.05 * rng.normal(size=(3, DIM))))
     assert predicted.tolist() == ["0", "1", "2"] and confidence.min() > 0.5
+
+
+def test_batched_phash_gives_imagehash_bits():
+    rng = np.random.default_rng(0)
+    images = [blocks(i, size) for i, size in enumerate((8, 31, 32, 48, 97))]
+    images += [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((20, 50), (64, 64), (300, 120))]
+    images += [Image.new("RGB", (32, 32), (120, 30, 200)), copy_of(blocks(9))]  # flat: every coefficient ties
+    grays = [image.convert("L") for image in images]
+    expected = np.stack([np.packbits(imagehash.phash(g).hash.flatten()) for g in grays])
+    assert np.array_equal(phashes(grays), expected)
+    assert [phash(encode(image)) for image in images] == [row.tobytes() for row in expected]
+    assert phashes([]).shape == (0, 8)
 
 
 def test_leak_bank_finds_transformed_copies_only():
