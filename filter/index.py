@@ -1,6 +1,7 @@
 """faiss indexes chosen by size, as autofaiss does: exact search while it is cheap, then inverted lists with
 half-precision codes, then product quantisation when even those would not fit the memory budget.
-A GPU copy of the index is used when faiss-gpu sees a CUDA device. Vectors are L2-normalised, so inner
+An exact index is searched on the GPU when faiss-gpu sees a CUDA device; inverted lists stay on the CPU, filled
+and probed through list numbers computed here (below). Vectors are L2-normalised, so inner
 product = cosine similarity.
 
 Every result is the same whatever the number of threads. faiss's exact search runs on BLAS, whose sums are
