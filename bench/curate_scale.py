@@ -56,7 +56,7 @@ def synthetic(n_crawl: int, rng: np.random.Generator):
     vectors[copies] = unit(vectors[np.maximum(copies - 1, 0)].astype(np.float32) + 0.02 * rng.normal(size=(len(copies), DIM)) / np.sqrt(DIM))
     crawl = Crawl(
         ids=[f"c{i:07d}" for i in range(n_crawl)], vectors=vectors, queries=[f"class {c}" for c in query_class],
-        classes=[str(c) for c in query_class], digests=[f"{i}" for i in range(n_crawl)], hashes=None, images=None,
+        classes=[str(c) for c in query_class], digests=[f"{i}" for i in range(n_crawl)], hashes=None, read_images=None,
     )
     return seed, crawl
 

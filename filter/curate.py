@@ -8,7 +8,10 @@ Kept images get the paper's linear text extrapolation (filter/extrapolate.py).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +67,7 @@ class Crawl:
     classes: list[str | None]
     digests: list[str]
     hashes: list[bytes] | None
-    images: list[bytes] | None
+    read_images: Callable[[Sequence[int]], list[bytes]] | None  # encoded images of the given rows, read on demand
     urls: list[str] | None = None  # copies keep their first URL, and k-means meets rows in URL order
 
 
@@ -165,7 +168,7 @@ def curate_core(seed: Seed, crawl: Crawl, cfg: CurateParams, random_seed: int, d
     near = near_duplicates(
         [crawl.ids[r] for r in candidates], neighbor_rows, neighbor_scores, cfg.near_duplicate_similarity,
         [crawl.hashes[r] for r in candidates] if crawl.hashes is not None else None,
-        (lambda j: crawl.images[candidates[j]]) if crawl.images is not None else None,
+        (lambda rows: crawl.read_images(candidates[rows])) if crawl.read_images is not None else None,
         cfg.near_duplicate_hash_distance,
         url_rank[candidates],
     )
@@ -262,9 +265,20 @@ def _url_rows(paths: Paths) -> pa.Table:
     return joined.sort_by("url_id")
 
 
+def _read_images(shards: list[Path], ids: list[str], rows: Sequence[int]) -> list[bytes]:
+    """The encoded images of crawl rows, one shard at a time: only near-copy candidates need their pictures, and a
+    large crawl's images would not fit in memory together."""
+    wanted = [ids[r] for r in rows]
+    found: dict[str, bytes] = {}
+    for shard in shards:
+        table = read_table(shard, IMAGE_SCHEMA, columns=["id", "image"], ids=wanted)
+        found.update(zip(table.column("id").to_pylist(), table.column("image").to_pylist()))
+    return [found[i] for i in wanted]
+
+
 def load_crawl(paths: Paths, rows: pa.Table) -> Crawl:
     fetched = set(rows.filter(pc.equal(rows["status"], "ok")).column("url_id").to_pylist())
-    shards = read_tables(shard_files(paths.crawl_shards), IMAGE_SCHEMA, columns=["id", "sha256", "image"])
+    shards = read_tables(shard_files(paths.crawl_shards), IMAGE_SCHEMA, columns=["id", "sha256"])
     info, vectors = read_embeddings(sorted((paths.embeddings / "crawl_images").glob("*.parquet")))
     position = {i: n for n, i in enumerate(info.column("id").to_pylist())}
     by_id = {i: n for n, i in enumerate(shards.column("id").to_pylist())}
@@ -277,7 +291,7 @@ def load_crawl(paths: Paths, rows: pa.Table) -> Crawl:
         raise InputError(f"{paths.embeddings / 'crawl_images'}: no embedding for crawled image {unembedded[0]} (re-run `dextra embed`)")
     meta = {r["url_id"]: r for r in rows.select(["url_id", "url", "query", "class"]).to_pylist()}
     hashes = info.column("phash").to_pylist() if "phash" in info.column_names else None
-    images, digests = shards.column("image").to_pylist(), shards.column("sha256").to_pylist()
+    digests = shards.column("sha256").to_pylist()
     return Crawl(
         ids=ids,
         vectors=vectors[[position[i] for i in ids]] if ids else np.zeros((0, vectors.shape[1] if vectors.size else 1), np.float32),
@@ -285,7 +299,7 @@ def load_crawl(paths: Paths, rows: pa.Table) -> Crawl:
         classes=[meta[i]["class"] for i in ids],
         digests=[digests[by_id[i]] for i in ids],
         hashes=[hashes[position[i]] for i in ids] if hashes is not None else None,
-        images=[images[by_id[i]] for i in ids],
+        read_images=functools.partial(_read_images, shard_files(paths.crawl_shards), ids),
         urls=[meta[i]["url"] for i in ids],
     )
 

@@ -84,7 +84,7 @@ def near_duplicates(
     similarities: np.ndarray,
     min_similarity: float,
     hashes: Sequence[bytes] | None,
-    image_bytes: Callable[[int], bytes] | None,
+    read_images: Callable[[list[int]], list[bytes]] | None,
     max_distance: int,
     rank: np.ndarray | None = None,
 ) -> dict[str, str]:
@@ -93,6 +93,8 @@ def near_duplicates(
     neighbors/similarities: each image's CLIP nearest neighbours within the crawl. A pair above min_similarity is
     a copy if the pHash of the later one (by `rank`, default position) is within max_distance of the crop bank of
     the earlier one; without images (hashes None) CLIP similarity decides alone. A group keeps its earliest member.
+    read_images(rows) returns the encoded images of those rows; it is called once, for the earlier member of every
+    candidate pair, so a large crawl's other images are never read.
     """
     rank = np.arange(len(ids)) if rank is None else np.asarray(rank)
     parent = list(range(len(ids)))
@@ -103,20 +105,22 @@ def near_duplicates(
             i = parent[i]
         return i
 
-    banks: dict[int, np.ndarray] = {}
     queries = np.broadcast_to(np.arange(len(ids))[:, None], neighbors.shape)
     close = (neighbors >= 0) & (neighbors != queries) & (similarities >= min_similarity)  # few pairs: copies only
-    for i, j in zip(queries[close].tolist(), neighbors[close].tolist()):
-        if root(i) == root(j):
+    pairs = [(i, j) if rank[i] < rank[j] else (j, i) for i, j in zip(queries[close].tolist(), neighbors[close].tolist())]
+    earlier = sorted({a for a, _ in pairs}) if hashes is not None else []
+    images = dict(zip(earlier, read_images(earlier))) if earlier else {}
+    banks: dict[int, np.ndarray] = {}
+    for a, b in pairs:
+        if root(a) == root(b):
             continue
         if hashes is not None:
-            a, b = (i, j) if rank[i] < rank[j] else (j, i)
             if a not in banks:
-                banks[a] = crop_bank(image_bytes(a))
+                banks[a] = crop_bank(images.pop(a))
             if hamming(banks[a], np.frombuffer(hashes[b], np.uint8)).min() > max_distance:
                 continue
-        ri, rj = root(i), root(j)
-        parent[max(ri, rj, key=rank.__getitem__)] = min(ri, rj, key=rank.__getitem__)
+        ra, rb = root(a), root(b)
+        parent[max(ra, rb, key=rank.__getitem__)] = min(ra, rb, key=rank.__getitem__)
     return {ids[i]: ids[root(i)] for i in range(len(ids)) if root(i) != i}
 
 

@@ -135,12 +135,14 @@ def write_table(table: pa.Table, path: str | Path, schema: pa.Schema = IMAGE_SCH
     return path
 
 
-def read_table(path: str | Path, schema: pa.Schema = IMAGE_SCHEMA, columns: Sequence[str] | None = None) -> pa.Table:
+def read_table(path: str | Path, schema: pa.Schema = IMAGE_SCHEMA, columns: Sequence[str] | None = None,
+               ids: Iterable[str] | None = None) -> pa.Table:
+    """`ids`: only the rows with these ids (read a row group at a time, so the rest are never held together)."""
     path = Path(path)
     if not path.exists():
         raise ShardError(f"{path}: file not found")
     try:
-        table = pq.read_table(path, columns=list(columns) if columns else None)
+        table = pq.read_table(path, columns=list(columns) if columns else None, filters=None if ids is None else [("id", "in", list(ids))])
     except (pa.ArrowInvalid, OSError) as exc:
         raise ShardError(f"{path}: not a readable Parquet file ({exc})") from None
     return conform(table, pa.schema([f for f in schema if f.name in table.column_names]) if columns else schema, str(path))

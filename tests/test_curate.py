@@ -136,9 +136,11 @@ def test_duplicates_exact_and_near():
     images = [encode(originals[0]), encode(originals[1]), encode(originals[0].crop((2, 2, 46, 44)).resize((64, 64))), encode(originals[2])]
     neighbours = np.array([[2, 1], [0, 3], [0, 1], [1, 0]])
     similarities = np.full((4, 2), 0.95)  # CLIP calls every pair a candidate; pHash must tell copies apart
-    found = near_duplicates(list("abcd"), neighbours, similarities, 0.9, [phash(b) for b in images], images.__getitem__, 8)
-    assert found == {"c": "a"}
-    assert near_duplicates(list("abcd"), neighbours, similarities, 0.99, [phash(b) for b in images], images.__getitem__, 8) == {}
+    asked = []
+    read = lambda rows: asked.append(list(rows)) or [images[r] for r in rows]
+    found = near_duplicates(list("abcd"), neighbours, similarities, 0.9, [phash(b) for b in images], read, 8)
+    assert found == {"c": "a"} and asked == [[0, 1]]  # one read, of the earlier image of each candidate pair
+    assert near_duplicates(list("abcd"), neighbours, similarities, 0.99, [phash(b) for b in images], read, 8) == {}
     assert hamming(np.frombuffer(phash(images[0]), np.uint8), np.frombuffer(phash(images[2]), np.uint8)) > 0
 
 
@@ -283,7 +285,7 @@ def synthetic_core_inputs(n_crawl: int = 4000, n_seed: int = 400, dim: int = 64)
     vectors[copies] = vectors[copies - 1] + 0.05 * rng.normal(size=(len(copies), dim))
     crawl = curate.Crawl(
         ids=[f"c{i:05d}" for i in range(n_crawl)], vectors=unit(vectors).astype(np.float16), queries=[f"class {c}" for c in query_class],
-        classes=[str(c) for c in query_class], digests=[str(i) for i in range(n_crawl)], hashes=None, images=None,
+        classes=[str(c) for c in query_class], digests=[str(i) for i in range(n_crawl)], hashes=None, read_images=None,
         urls=[f"http://web.example/{i:05d}.jpg" for i in range(n_crawl)],
     )
     return seed, crawl
@@ -321,7 +323,7 @@ def test_curate_does_not_depend_on_row_order(make_params):
     shuffled = np.random.default_rng(0).permutation(len(crawl.ids))
     moved = curate.Crawl(
         ids=[crawl.ids[r] for r in shuffled], vectors=crawl.vectors[shuffled], queries=[crawl.queries[r] for r in shuffled],
-        classes=[crawl.classes[r] for r in shuffled], digests=[crawl.digests[r] for r in shuffled], hashes=None, images=None,
+        classes=[crawl.classes[r] for r in shuffled], digests=[crawl.digests[r] for r in shuffled], hashes=None, read_images=None,
         urls=[crawl.urls[r] for r in shuffled],
     )
     one, extra_one, _ = curate.curate_core(seed, crawl, cfg, 0, torch.device("cpu"))
