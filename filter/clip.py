@@ -141,24 +141,43 @@ def preprocess_pixels(preprocess: Callable, images: Sequence[torch.Tensor]) -> t
     return torch.stack(out)
 
 
+# augment's ranges: zoom-out scale, extra width factor, degrees, shear, how far past the edge a shift may go, pixel noise
+AUGMENT_SCALE, AUGMENT_ASPECT, AUGMENT_DEGREES, AUGMENT_SHEAR, AUGMENT_OVERHANG, AUGMENT_NOISE = (0.55, 1.0), (0.75, 1.1), 20.0, 0.2, 0.05, 0.04
+
+
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Changes no caption mentions, drawn per image: a small rotation, scale and shift (edge pixels repeated, so a
-    textured background stays textured), strokes thickened or thinned by a 3x3 max or min filter, a light blur.
-    Never colour changes or flips ("a red 3" stays red, and a mirrored 3 is no 3). Pixels in [0, 1], (N, 3, H, W)."""
+    """Changes no caption mentions, drawn per image: a zoom-out (scale, aspect ratio, rotation, shear, shift) framed
+    with the image's own border colour (not repeated edge pixels, which smear strokes touching the edge into
+    streaks), strokes thickened or thinned by a 3x3 max or min filter, a light blur, light pixel noise. Never colour
+    changes or flips ("a red 3" stays red, and a mirrored 3 is no 3). Pixels in [0, 1], (N, 3, H, W)."""
     n = len(pixels)
     uniform = lambda low, high: low + (high - low) * torch.rand(n, generator=generator)
-    angle, scale = uniform(-np.pi / 12, np.pi / 12), uniform(0.55, 1.05)
-    room = (1 - scale).clamp(min=0)
-    shift = torch.stack([uniform(-1, 1) * room, uniform(-1, 1) * room], 1)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # output -> input coordinates
-    theta = torch.cat([rotation, -(rotation @ shift[..., None])], 2)
+    # the colour the zoomed-out image is framed with: the median of its outermost pixels (its background, mostly)
+    ring = torch.cat([pixels[:, :, 0, :], pixels[:, :, -1, :], pixels[:, :, :, 0], pixels[:, :, :, -1]], 2)
+    median = ring.median(dim=2, keepdim=True).values
+    nearest = (ring - median).abs().sum(1).argmin(1)  # an actual border colour, the one nearest the median
+    fill = ring.gather(2, nearest[:, None, None].expand(-1, 3, 1))[..., None]
+    size = uniform(*AUGMENT_SCALE)
+    sx, sy = size * uniform(*AUGMENT_ASPECT), size
+    angle = uniform(-AUGMENT_DEGREES, AUGMENT_DEGREES) * np.pi / 180
+    shear = uniform(-AUGMENT_SHEAR, AUGMENT_SHEAR)
+    cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros(n), torch.ones(n)
+    rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+    shearing = torch.stack([torch.stack([one, shear], 1), torch.stack([zero, one], 1)], 1)
+    scaling = torch.diag_embed(torch.stack([sx, sy], 1))
+    forward = rotation @ shearing @ scaling  # input -> output coordinates
+    room = torch.stack([(1 - sx).clamp(min=0) + AUGMENT_OVERHANG, (1 - sy).clamp(min=0) + AUGMENT_OVERHANG], 1)
+    shift = torch.stack([uniform(-1, 1), uniform(-1, 1)], 1) * room
+    inverse = torch.linalg.inv(forward)
+    theta = torch.cat([inverse, -(inverse @ shift[..., None])], 2)
     grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
-    out = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(pixels - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
     stroke = torch.rand(n, generator=generator)[:, None, None, None]
     out = torch.where(stroke < 0.2, F.max_pool2d(out, 3, 1, 1), torch.where(stroke > 0.8, -F.max_pool2d(-out, 3, 1, 1), out))
     blur = torch.rand(n, generator=generator)[:, None, None, None] < 0.3
-    return torch.where(blur, TF.gaussian_blur(out, [3, 3], [0.8, 0.8]), out).clamp(0, 1)
+    out = torch.where(blur, TF.gaussian_blur(out, [3, 3], [0.8, 0.8]), out)
+    sigma = torch.where(torch.rand(n, generator=generator) < 0.3, uniform(0, AUGMENT_NOISE), torch.zeros(n))[:, None, None, None]
+    return (out + sigma * torch.randn(out.shape, generator=generator)).clamp(0, 1)
 
 
 class _Objective(torch.nn.Module):
@@ -204,6 +223,9 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
     n_holdout = int(round(len(images) * cfg.holdout_fraction)) if len(images) >= 4 else 0
     held, train = order[:n_holdout], order[n_holdout:]
     held_texts = bundle.tokenizer([captions[i][0] for i in held.tolist()]) if n_holdout else None
+    held_pixels = pixels[held]
+    if cfg.augment and n_holdout:  # augmented once, with a generator of its own: the same held-out images every epoch
+        held_pixels = (augment(held_pixels * std + mean, torch.Generator().manual_seed(params.seed + 1)) - mean) / std
     model = bundle.model
     optimizer = torch.optim.AdamW([*model.parameters(), *objective.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = min(cfg.batch_size, len(train))
@@ -228,7 +250,7 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
             schedule.step()
             losses.append(loss.item())
         model.eval()
-        held_loss = _pairs_loss(bundle, pixels[held], held_texts, labels[held], objective, batch_size) if n_holdout else float(np.mean(losses))
+        held_loss = _pairs_loss(bundle, held_pixels, held_texts, labels[held], objective, batch_size) if n_holdout else float(np.mean(losses))
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "heldout_loss": held_loss})
         if held_loss < best_loss:
             best_loss, best_epoch, best_state = held_loss, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}

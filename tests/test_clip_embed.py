@@ -76,9 +76,10 @@ def test_augment_is_seeded_and_changes_no_colour():
     assert first.shape == digits.shape and 0 <= first.min() and first.max() <= 1
     assert torch.equal(first, clip.augment(digits, torch.Generator().manual_seed(1)))
     assert not torch.allclose(first, clip.augment(digits, torch.Generator().manual_seed(2)))
-    # A plain image keeps its exact colour whatever the draw: the caption's colour words stay true.
+    # A plain image keeps its colour whatever the draw (up to the light pixel noise): the caption's colour words stay true.
     plain = torch.tensor(list(COLOURS.values()), dtype=torch.float32).div(255).view(4, 3, 1, 1).expand(4, 3, 32, 32)
-    assert torch.allclose(clip.augment(plain.contiguous(), torch.Generator().manual_seed(3)), plain, atol=1e-5)
+    out = clip.augment(plain.contiguous(), torch.Generator().manual_seed(3))
+    assert torch.allclose(out.mean((2, 3)), plain.mean((2, 3)), atol=0.03) and (out - plain).abs().max() < 0.25
 
 
 def test_class_loss_teaches_what_captions_do_not_say(tmp_path, png, make_params):
