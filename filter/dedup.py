@@ -42,12 +42,8 @@ def phashes(grays: Sequence[Image.Image]) -> np.ndarray:
     return np.packbits(low > np.median(low, axis=1, keepdims=True), axis=1)
 
 
-def phash_image(image: Image.Image) -> bytes:
-    return phashes([image.convert("L")])[0].tobytes()
-
-
 def phash(image_bytes: bytes) -> bytes:
-    return phash_image(_gray(image_bytes))
+    return phashes([_gray(image_bytes)])[0].tobytes()
 
 
 def crop_bank(image_bytes: bytes) -> np.ndarray:
@@ -84,7 +80,7 @@ def near_duplicates(
     similarities: np.ndarray,
     min_similarity: float,
     hashes: Sequence[bytes] | None,
-    read_images: Callable[[list[int]], list[bytes]] | None,
+    read_images: Callable[[Sequence[int]], list[bytes]] | None,
     max_distance: int,
     rank: np.ndarray | None = None,
 ) -> dict[str, str]:
