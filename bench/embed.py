@@ -4,7 +4,8 @@
 
 stage: filter.embed.embed_images on encoded crawled images (decode, preprocess and pHash a batch at a time, in
 DataLoader workers when embed.num_workers > 0, then the forward pass); model only: the same model, batch size and
-device on preprocessed tensors already in memory. Ratio = stage images/s ÷ model-only images/s (issue 4's target: ≥ 0.8 on CPU with the demo model).
+device on preprocessed tensors already in memory. Ratio = stage images/s ÷ model-only images/s (issue 4's target:
+≥ 0.8 on CPU with the demo model).
 Writes bench/results/embed.json.
 """
 from __future__ import annotations

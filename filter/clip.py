@@ -208,14 +208,16 @@ def _pairs_loss(bundle: ClipBundle, pixels: torch.Tensor, texts: torch.Tensor, l
 def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Sequence[Sequence[str]], params: Params,
                       classes: Sequence[str | None] | None = None) -> list[dict]:
     """Contrastive training on (image, random one of its captions) pairs, keeping the weights of the epoch with
-    the lowest loss on a held-out part of the pairs (first captions, images not augmented), and stopping after
-    `patience` epochs without a better one. `classes` (one per image, None where unknown) feed the class term
-    when `clip.class_loss_weight` > 0 and every image has one. Returns per-epoch train and held-out losses."""
+    the lowest loss on a held-out part of the pairs (first captions; with clip.augment, images augmented once, so
+    the score judges varied compositions), and stopping after `patience` epochs without a better one. `classes`
+    (one per image, None where unknown) feed the class term when `clip.class_loss_weight` > 0 and every image has
+    one. Returns per-epoch train and held-out losses."""
     cfg = params.clip
     generator = torch.Generator().manual_seed(params.seed)
     rng = random.Random(params.seed)
     pixels = preprocess_pixels(bundle.preprocess, [decode_pixels(b) for b in images])
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (bundle.mean, bundle.std))
+    augmented = lambda normalised, draws: (augment(normalised * std + mean, draws) - mean) / std  # noqa: E731 (augment works on [0, 1] pixels)
     index = {name: i for i, name in enumerate(sorted(set(classes)))} if classes is not None and None not in classes else {}
     labels = torch.tensor([index[c] for c in classes]) if index else torch.zeros(len(images), dtype=torch.long)
     objective = _Objective(bundle.embed_dim, len(index), cfg.class_loss_weight).to(bundle.device)
@@ -225,7 +227,7 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
     held_texts = bundle.tokenizer([captions[i][0] for i in held.tolist()]) if n_holdout else None
     held_pixels = pixels[held]
     if cfg.augment and n_holdout:  # augmented once, with a generator of its own: the same held-out images every epoch
-        held_pixels = (augment(held_pixels * std + mean, torch.Generator().manual_seed(params.seed + 1)) - mean) / std
+        held_pixels = augmented(held_pixels, torch.Generator().manual_seed(params.seed + 1))
     model = bundle.model
     optimizer = torch.optim.AdamW([*model.parameters(), *objective.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = min(cfg.batch_size, len(train))
@@ -241,7 +243,7 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
         for step in range(steps_per_epoch):
             batch = shuffled[step * batch_size : (step + 1) * batch_size]
             texts = bundle.tokenizer([rng.choice(captions[i]) for i in batch.tolist()]).to(bundle.device)
-            batch_pixels = (augment(pixels[batch] * std + mean, generator) - mean) / std if cfg.augment else pixels[batch]
+            batch_pixels = augmented(pixels[batch], generator) if cfg.augment else pixels[batch]
             image_features, text_features, logit_scale = model(batch_pixels.to(bundle.device), texts)
             loss = objective(image_features, text_features, logit_scale, labels[batch].to(bundle.device))
             optimizer.zero_grad(set_to_none=True)

@@ -92,7 +92,7 @@ class ClipParams(_Section):
     weight_decay: float = Field(0.1, ge=0, le=10.0)
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="share of seed train held out to pick the best epoch (early stopping)")
     patience: int = Field(5, ge=1, description="epochs without a better held-out loss before training stops")
-    augment: bool = Field(False, description="train on randomly rotated, scaled, shifted, stroke-thickened/thinned and blurred images: changes no caption states (no colour change, no flip)")
+    augment: bool = Field(False, description="train on images zoomed out onto their border colour, squeezed, rotated, sheared, shifted, stroke-thickened/thinned, blurred and lightly noised: changes no caption states (no colour change, no flip)")
     class_loss_weight: float = Field(0.0, ge=0, le=100, description="weight of a cross-entropy on the seed classes (linear head on the image embedding) added to the contrastive loss; 0, or a seed without classes: plain CLIP")
 
 

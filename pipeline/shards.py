@@ -137,7 +137,7 @@ def write_table(table: pa.Table, path: str | Path, schema: pa.Schema = IMAGE_SCH
 
 def read_table(path: str | Path, schema: pa.Schema = IMAGE_SCHEMA, columns: Sequence[str] | None = None,
                ids: Iterable[str] | None = None) -> pa.Table:
-    """`ids`: only the rows with these ids (read a row group at a time, so the rest are never held together)."""
+    """`ids`: only the rows with these ids (pyarrow filters them while reading the file)."""
     path = Path(path)
     if not path.exists():
         raise ShardError(f"{path}: file not found")
