@@ -278,7 +278,8 @@ def _read_images(shards: list[Path], ids: list[str], rows: Sequence[int]) -> lis
 
 def load_crawl(paths: Paths, rows: pa.Table) -> Crawl:
     fetched = set(rows.filter(pc.equal(rows["status"], "ok")).column("url_id").to_pylist())
-    shards = read_tables(shard_files(paths.crawl_shards), IMAGE_SCHEMA, columns=["id", "sha256"])
+    shard_paths = shard_files(paths.crawl_shards)
+    shards = read_tables(shard_paths, IMAGE_SCHEMA, columns=["id", "sha256"])
     info, vectors = read_embeddings(sorted((paths.embeddings / "crawl_images").glob("*.parquet")))
     position = {i: n for n, i in enumerate(info.column("id").to_pylist())}
     by_id = {i: n for n, i in enumerate(shards.column("id").to_pylist())}
@@ -299,7 +300,7 @@ def load_crawl(paths: Paths, rows: pa.Table) -> Crawl:
         classes=[meta[i]["class"] for i in ids],
         digests=[digests[by_id[i]] for i in ids],
         hashes=[hashes[position[i]] for i in ids] if hashes is not None else None,
-        read_images=functools.partial(_read_images, shard_files(paths.crawl_shards), ids),
+        read_images=functools.partial(_read_images, shard_paths, ids),
         urls=[meta[i]["url"] for i in ids],
     )
 
