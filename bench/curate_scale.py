@@ -9,6 +9,7 @@ Targets (issue 4): 1M in < 10 min on 2 cores with peak RSS < 4 GiB; time grows â
 Records wall and CPU seconds of the core, peak RSS, and the machine's load average around each run (other
 processes on a shared machine stretch wall time, less so CPU time). Writes bench/results/curate_scale.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,15 @@ def synthetic(n_crawl: int, rng: np.random.Generator):
     seed_classes = np.arange(SEED_IMAGES) % CLASSES
     seed_vectors = unit(centres[seed_classes] + 0.6 * rng.normal(size=(SEED_IMAGES, DIM)) / np.sqrt(DIM) * 8)
     seed = Seed(
-        ids=[f"s{i}" for i in range(SEED_IMAGES)], vectors=seed_vectors, classes=[str(c) for c in seed_classes],
-        caption_features=unit(rng.normal(size=(SEED_IMAGES, DIM))), first_captions=[f"class {c}" for c in seed_classes],
-        test_ids=[f"t{i}" for i in range(TEST_IMAGES)], test_vectors=unit(centres[np.arange(TEST_IMAGES) % CLASSES] + 0.6 * rng.normal(size=(TEST_IMAGES, DIM)) / np.sqrt(DIM) * 8),
+        ids=[f"s{i}" for i in range(SEED_IMAGES)],
+        vectors=seed_vectors,
+        classes=[str(c) for c in seed_classes],
+        caption_features=unit(rng.normal(size=(SEED_IMAGES, DIM))),
+        first_captions=[f"class {c}" for c in seed_classes],
+        test_ids=[f"t{i}" for i in range(TEST_IMAGES)],
+        test_vectors=unit(
+            centres[np.arange(TEST_IMAGES) % CLASSES] + 0.6 * rng.normal(size=(TEST_IMAGES, DIM)) / np.sqrt(DIM) * 8
+        ),
         test_images=None,
     )
     vectors = np.empty((n_crawl, DIM), np.float16)
@@ -53,31 +60,42 @@ def synthetic(n_crawl: int, rng: np.random.Generator):
         chunk[k == 2] = rng.normal(size=((k == 2).sum(), DIM))
         vectors[start:end] = unit(chunk)
     copies = np.flatnonzero(kind == 3)
-    vectors[copies] = unit(vectors[np.maximum(copies - 1, 0)].astype(np.float32) + 0.02 * rng.normal(size=(len(copies), DIM)) / np.sqrt(DIM))
+    vectors[copies] = unit(
+        vectors[np.maximum(copies - 1, 0)].astype(np.float32)
+        + 0.02 * rng.normal(size=(len(copies), DIM)) / np.sqrt(DIM)
+    )
     crawl = Crawl(
-        ids=[f"c{i:07d}" for i in range(n_crawl)], vectors=vectors, queries=[f"class {c}" for c in query_class],
-        classes=[str(c) for c in query_class], digests=[f"{i}" for i in range(n_crawl)], hashes=None, read_images=None,
+        ids=[f"c{i:07d}" for i in range(n_crawl)],
+        vectors=vectors,
+        queries=[f"class {c}" for c in query_class],
+        classes=[str(c) for c in query_class],
+        digests=[f"{i}" for i in range(n_crawl)],
+        hashes=None,
+        read_images=None,
     )
     return seed, crawl
 
 
 def _peak_rss_kib() -> int:
     """VmHWM: the peak resident set since the last reset through /proc/self/clear_refs."""
-    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1])
+    return int(
+        next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1]
+    )
 
 
 def measure(n_crawl: int) -> dict:
     """Runs in a child process: build the data, time the core, report peak RSS."""
+    import faiss
     import torch
 
     from dextra.filter.curate import curate_core
     from dextra.pipeline.params import CurateParams
 
-    import faiss
-
     seed, crawl = synthetic(n_crawl, np.random.default_rng(0))
     generation_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count, so it is curate's (inputs included)
+    Path("/proc/self/clear_refs").write_text(
+        "5"
+    )  # Linux: restart the peak-RSS count, so it is curate's (inputs included)
     load_before = os.getloadavg()[0]
     started, cpu_started = time.perf_counter(), time.process_time()
     decisions, extrapolation, _ = curate_core(seed, crawl, CurateParams(), 0, torch.device("cpu"))
@@ -106,9 +124,13 @@ def main() -> None:
         return
     runs = []
     for size in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--child", str(size)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(size)], capture_output=True, text=True, check=True
+        )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{size:>9,} crawled: {runs[-1]['seconds']:7.1f} s ({runs[-1]['cpu_seconds']:.0f} CPU s, load {runs[-1]['load_average_1min']}), peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB, kept {runs[-1]['kept']:,}")
+        print(
+            f"{size:>9,} crawled: {runs[-1]['seconds']:7.1f} s ({runs[-1]['cpu_seconds']:.0f} CPU s, load {runs[-1]['load_average_1min']}), peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB, kept {runs[-1]['kept']:,}"
+        )
     result = {"dim": DIM, "seed_images": SEED_IMAGES, "test_images": TEST_IMAGES, "cores": os.cpu_count(), "runs": runs}
     if len(runs) >= 2:
         result["time_growth"] = round(runs[-1]["seconds"] / runs[0]["seconds"], 2)

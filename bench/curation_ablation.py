@@ -7,6 +7,7 @@ Runs `curate` (its real `run`) per variant in a scratch root that links the root
 data/embeddings and data/seed, and scores it with bench/curation_quality.py's rules.
 Writes bench/results/curation_ablation.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,14 +55,23 @@ def main() -> None:
             variant = params.model_copy(update={"curate": params.curate.model_copy(update=overrides)})
             curate.run(variant, Paths(scratch))
             scores = quality.score(*quality.load(scratch))
-            rows.append({
-                "variant": name, "precision": scores["kept"]["precision"], "recall": scores["kept"]["recall"], "kept": scores["kept"]["kept"],
-                "class_accuracy": scores["extrapolation"]["class_accuracy"], "color_accuracy": scores["extrapolation"]["color_accuracy"],
-                "leaks_kept": scores["leak"]["kept"],
-            })
+            rows.append(
+                {
+                    "variant": name,
+                    "precision": scores["kept"]["precision"],
+                    "recall": scores["kept"]["recall"],
+                    "kept": scores["kept"]["kept"],
+                    "class_accuracy": scores["extrapolation"]["class_accuracy"],
+                    "color_accuracy": scores["extrapolation"]["color_accuracy"],
+                    "leaks_kept": scores["leak"]["kept"],
+                }
+            )
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
             r = rows[-1]
-            print(f"{name:28} precision {fmt(r['precision'])}  recall {fmt(r['recall'])}  kept {r['kept']:5}  class acc {fmt(r['class_accuracy'])}  colour acc {fmt(r['color_accuracy'])}  leaks kept {r['leaks_kept']}", flush=True)
+            print(
+                f"{name:28} precision {fmt(r['precision'])}  recall {fmt(r['recall'])}  kept {r['kept']:5}  class acc {fmt(r['class_accuracy'])}  colour acc {fmt(r['color_accuracy'])}  leaks kept {r['leaks_kept']}",
+                flush=True,
+            )
     write_json(root / "bench" / "results" / "curation_ablation.json", {"variants": rows})
 
 

@@ -15,6 +15,7 @@ Rules (pipeline/demo.py writes the truth):
 - Leak recall: the share of leak URLs (near-duplicates of seed test images) not kept, whatever the reason.
 Writes bench/results/curation_quality.json under --root.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,14 @@ from dextra.pipeline.atomic import write_json
 from dextra.pipeline.demo import KINDS, parse_caption
 from dextra.pipeline.errors import DextraError, InputError
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import DECISION_OUTCOMES, DECISION_SCHEMA, IMAGE_SCHEMA, read_table, read_tables, shard_files
+from dextra.pipeline.shards import (
+    DECISION_OUTCOMES,
+    DECISION_SCHEMA,
+    IMAGE_SCHEMA,
+    read_table,
+    read_tables,
+    shard_files,
+)
 
 CURATED_COLUMNS = ["url", "neighbor_captions", "neighbor_weights"]
 
@@ -38,12 +46,18 @@ def load(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     paths = Paths(root)
     truth_path = paths.demo_web / "truth.parquet"
     if not truth_path.is_file():
-        raise InputError(f"{truth_path}: not found; curation quality needs the demo's ground truth (dataset: demo, then `dextra seed`)")
+        raise InputError(
+            f"{truth_path}: not found; curation quality needs the demo's ground truth (dataset: demo, then `dextra seed`)"
+        )
     if not paths.decisions.is_file():
         raise InputError(f"{paths.decisions}: not found; run the pipeline up to curate first (`dvc repro curate`)")
     decisions = read_table(paths.decisions, DECISION_SCHEMA, columns=["url", "outcome"]).to_pandas()
     shards = shard_files(paths.curated_shards)
-    curated = read_tables(shards, IMAGE_SCHEMA, columns=CURATED_COLUMNS).to_pandas() if shards else pd.DataFrame(columns=CURATED_COLUMNS)
+    curated = (
+        read_tables(shards, IMAGE_SCHEMA, columns=CURATED_COLUMNS).to_pandas()
+        if shards
+        else pd.DataFrame(columns=CURATED_COLUMNS)
+    )
     return pd.read_parquet(truth_path), decisions, curated
 
 
@@ -77,7 +91,9 @@ def score(truth: pd.DataFrame, decisions: pd.DataFrame, curated: pd.DataFrame) -
     outcome = decisions.drop_duplicates("url", keep="last").set_index("url")["outcome"]
     matched = outcome.index.isin(truth.index)
     if not matched.any():
-        raise InputError("no URL of data/curated/decisions.parquet is in the truth file: was data/seed regenerated elsewhere?")
+        raise InputError(
+            "no URL of data/curated/decisions.parquet is in the truth file: was data/seed regenerated elsewhere?"
+        )
     truth["outcome"] = outcome.reindex(truth.index).fillna("missing")
     root = truth["duplicate_of"].fillna(pd.Series(truth.index, index=truth.index))
     wanted = pd.Series(truth["kind"].reindex(root).to_numpy() == "in_domain", index=truth.index)
@@ -91,8 +107,10 @@ def score(truth: pd.DataFrame, decisions: pd.DataFrame, curated: pd.DataFrame) -
     digit_ok, color_ok = [], []
     for row in rows.itertuples():
         if len(row.neighbor_captions) != len(row.neighbor_weights):
-            raise InputError(f"data/curated/shards: {row.url}: {len(row.neighbor_captions)} neighbour captions for "
-                             f"{len(row.neighbor_weights)} weights, expected one caption per neighbour")
+            raise InputError(
+                f"data/curated/shards: {row.url}: {len(row.neighbor_captions)} neighbour captions for "
+                f"{len(row.neighbor_weights)} weights, expected one caption per neighbour"
+            )
         digit_ok.append(_vote(row.neighbor_captions, row.neighbor_weights, 0) == row.true_digit)
         color_ok.append(_vote(row.neighbor_captions, row.neighbor_weights, 1) == row.fg_color)
     n = len(rows)

@@ -8,6 +8,7 @@ device on preprocessed tensors already in memory. Ratio = stage images/s ÷ mode
 ≥ 0.8 on CPU with the demo model).
 Writes bench/results/embed.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,9 @@ def main() -> None:
         "model_only_images_per_s": round(statistics.median(model), 1),
     }
     result["ratio"] = round(result["stage_images_per_s"] / result["model_only_images_per_s"], 3)
-    print(f"embed stage {result['stage_images_per_s']:.0f} images/s, model only {result['model_only_images_per_s']:.0f} images/s, ratio {result['ratio']:.2f}")
+    print(
+        f"embed stage {result['stage_images_per_s']:.0f} images/s, model only {result['model_only_images_per_s']:.0f} images/s, ratio {result['ratio']:.2f}"
+    )
     write_json(paths.root / "bench" / "results" / "embed.json", result)
 
 

@@ -6,6 +6,7 @@ plus one chunk. Writes bench/results/fetch.json.
 
     python bench/fetch.py [--images 3000] [--reps 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,23 +89,46 @@ def _baseline(list_path: Path, work: Path, shard_size: int) -> int:
     """Plain img2dataset, as the fetch stage calls it minus the guard and the bookkeeping; returns images stored."""
     fetch_params = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text())).fetch
     img2dataset_main.download(
-        url_list=str(list_path), output_folder=str(work / "out"), input_format="parquet", url_col="url", caption_col="text",
-        output_format="parquet", image_size=fetch_params.image_size, resize_mode=fetch_params.resize_mode,
-        encode_format=fetch_params.encode_format, encode_quality=fetch_params.encode_quality, processes_count=PROCESSES,
-        thread_count=THREADS, timeout=fetch_params.timeout_s, retries=0, number_sample_per_shard=shard_size,
-        extract_exif=False, compute_hash=None, distributor="multiprocessing", enable_wandb=False,
+        url_list=str(list_path),
+        output_folder=str(work / "out"),
+        input_format="parquet",
+        url_col="url",
+        caption_col="text",
+        output_format="parquet",
+        image_size=fetch_params.image_size,
+        resize_mode=fetch_params.resize_mode,
+        encode_format=fetch_params.encode_format,
+        encode_quality=fetch_params.encode_quality,
+        processes_count=PROCESSES,
+        thread_count=THREADS,
+        timeout=fetch_params.timeout_s,
+        retries=0,
+        number_sample_per_shard=shard_size,
+        extract_exif=False,
+        compute_hash=None,
+        distributor="multiprocessing",
+        enable_wandb=False,
     )
-    return sum(pq.read_table(p, columns=["status"]).column("status").to_pylist().count("success") for p in (work / "out").glob("*.parquet"))
+    return sum(
+        pq.read_table(p, columns=["status"]).column("status").to_pylist().count("success")
+        for p in (work / "out").glob("*.parquet")
+    )
 
 
 def _dextra(list_path: Path, root: Path, port: int, shard_size: int) -> tuple[int, float]:
     """`dextra urls` (untimed), then `dextra fetch` (timed) on a fresh repository root; returns (ok, seconds)."""
     (root / "manifests").mkdir(parents=True)
-    manifest = {"name": "bench", "seed": {"importer": "demo"}, "sources": [{"name": "web", "path": str(list_path), "format": "parquet"}]}
+    manifest = {
+        "name": "bench",
+        "seed": {"importer": "demo"},
+        "sources": [{"name": "web", "path": str(list_path), "format": "parquet"}],
+    }
     (root / "manifests" / "bench.yaml").write_text(yaml.safe_dump(manifest))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["dataset"] = "bench"
-    raw["fetch"].update(processes=PROCESSES, threads=THREADS, shard_size=shard_size, allow_addresses=[f"127.0.0.1:{port}"])
+    raw["fetch"].update(
+        processes=PROCESSES, threads=THREADS, shard_size=shard_size, allow_addresses=[f"127.0.0.1:{port}"]
+    )
     params, paths = parse_params(raw), Paths(root)
     urls.run(params, paths)
     started = time.perf_counter()
@@ -127,8 +151,13 @@ def _resume_check(server: _Server, base: str, work: Path) -> dict:
     missing_after_drop = len(body) - server.served[0]
     resumed = server.served[-1]
     return {
-        "file_bytes": len(body), "sent_before_drop": server.served[0], "kept_in_part": have, "resumed_bytes": resumed,
-        "missing_bytes": missing_after_drop, "chunk": CHUNK, "ok": resumed <= missing_after_drop + CHUNK and dest.read_bytes() == body,
+        "file_bytes": len(body),
+        "sent_before_drop": server.served[0],
+        "kept_in_part": have,
+        "resumed_bytes": resumed,
+        "missing_bytes": missing_after_drop,
+        "chunk": CHUNK,
+        "ok": resumed <= missing_after_drop + CHUNK and dest.read_bytes() == body,
     }
 
 
@@ -151,7 +180,7 @@ def main() -> None:
         paths = sorted(server.files, key=lambda p: int(p.split("/")[-1].split(".")[0]))
         pq.write_table(pa.table({"url": [base + p for p in paths], "text": [f"image {p}" for p in paths]}), list_path)
         for rep in range(args.reps):
-            for which in (("baseline", "dextra") if rep % 2 == 0 else ("dextra", "baseline")):
+            for which in ("baseline", "dextra") if rep % 2 == 0 else ("dextra", "baseline"):
                 work = tmp / f"{which}-{rep}"
                 if which == "baseline":
                     started = time.perf_counter()
@@ -161,7 +190,11 @@ def main() -> None:
                     ok, seconds = _dextra(list_path, work, server.server_address[1], shard_size)
                     dextra_ok.append(ok)
                     dextra_s.append(seconds)
-                print(f"rep {rep} {which}: {(baseline_s if which == 'baseline' else dextra_s)[-1]:.1f} s", file=sys.stderr, flush=True)
+                print(
+                    f"rep {rep} {which}: {(baseline_s if which == 'baseline' else dextra_s)[-1]:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         resume = _resume_check(server, base, tmp)
     server.shutdown()
 
@@ -169,20 +202,36 @@ def main() -> None:
     dextra_ips = [n / s for n, s in zip(dextra_ok, dextra_s)]
     ratios = [d / b for d, b in zip(dextra_ips, baseline_ips)]
     result = {
-        "images": args.images, "processes": PROCESSES, "threads": THREADS, "shard_size": shard_size, "reps": args.reps,
-        "baseline_seconds": baseline_s, "dextra_seconds": dextra_s, "baseline_ok": baseline_ok, "dextra_ok": dextra_ok,
-        "baseline_images_per_s": statistics.median(baseline_ips), "dextra_images_per_s": statistics.median(dextra_ips),
-        "ratios": ratios, "median_ratio": statistics.median(ratios), "target": 0.95,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
+        "images": args.images,
+        "processes": PROCESSES,
+        "threads": THREADS,
+        "shard_size": shard_size,
+        "reps": args.reps,
+        "baseline_seconds": baseline_s,
+        "dextra_seconds": dextra_s,
+        "baseline_ok": baseline_ok,
+        "dextra_ok": dextra_ok,
+        "baseline_images_per_s": statistics.median(baseline_ips),
+        "dextra_images_per_s": statistics.median(dextra_ips),
+        "ratios": ratios,
+        "median_ratio": statistics.median(ratios),
+        "target": 0.95,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
         "resume": resume,
     }
     write_json(ROOT / "bench" / "results" / "fetch.json", result)
-    print(f"fetch: dextra / img2dataset images/s, median of {args.reps} paired runs: {result['median_ratio']:.3f} (target >= 0.95; "
-          f"per pair {', '.join(f'{r:.3f}' for r in ratios)}); medians {result['dextra_images_per_s']:.0f} vs "
-          f"{result['baseline_images_per_s']:.0f} images/s; load average {load_before[0]:.1f} -> {result['load_average_after'][0]:.1f} "
-          f"on {os.cpu_count()} CPUs")
-    print(f"resumed list download: {resume['resumed_bytes']:,} bytes fetched for {resume['missing_bytes']:,} missing "
-          f"(chunk {CHUNK:,}): {'ok' if resume['ok'] else 'FAILED'}")
+    print(
+        f"fetch: dextra / img2dataset images/s, median of {args.reps} paired runs: {result['median_ratio']:.3f} (target >= 0.95; "
+        f"per pair {', '.join(f'{r:.3f}' for r in ratios)}); medians {result['dextra_images_per_s']:.0f} vs "
+        f"{result['baseline_images_per_s']:.0f} images/s; load average {load_before[0]:.1f} -> {result['load_average_after'][0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"resumed list download: {resume['resumed_bytes']:,} bytes fetched for {resume['missing_bytes']:,} missing "
+        f"(chunk {CHUNK:,}): {'ok' if resume['ok'] else 'FAILED'}"
+    )
 
 
 if __name__ == "__main__":

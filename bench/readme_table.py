@@ -1,7 +1,8 @@
 """Rebuild the README's benchmark table from bench/results/*.json (the numbers the benchmarks wrote).
 
-    python bench/readme_table.py
+python bench/readme_table.py
 """
+
 from __future__ import annotations
 
 import json
@@ -15,27 +16,56 @@ START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 def rows_curation_quality(r: dict) -> list[tuple[str, str, str]]:
     kept, base, extra, leak = r["kept"], r["baseline_keep_fetched"], r["extrapolation"], r["leak"]
     return [
-        ("curation: kept precision", f"{kept['precision']:.3f}", f"{kept['precision'] / base['precision']:.2f}× keep-everything ({base['precision']:.3f})"),
+        (
+            "curation: kept precision",
+            f"{kept['precision']:.3f}",
+            f"{kept['precision'] / base['precision']:.2f}× keep-everything ({base['precision']:.3f})",
+        ),
         ("curation: kept recall", f"{kept['recall']:.3f}", f"keep-everything {base['recall']:.3f}"),
-        ("curation: extrapolation class / colour accuracy", f"{extra['class_accuracy']:.3f} / {extra['color_accuracy']:.3f}", f"over {extra['images']} kept in-domain images"),
-        ("curation: leak recall (leaks kept)", f"{leak['recall']:.3f} ({leak['kept']})", f"of {leak['leak_urls']} seed-test near-copies"),
+        (
+            "curation: extrapolation class / colour accuracy",
+            f"{extra['class_accuracy']:.3f} / {extra['color_accuracy']:.3f}",
+            f"over {extra['images']} kept in-domain images",
+        ),
+        (
+            "curation: leak recall (leaks kept)",
+            f"{leak['recall']:.3f} ({leak['kept']})",
+            f"of {leak['leak_urls']} seed-test near-copies",
+        ),
     ]
 
 
 def rows_curation_ablation(r: dict) -> list[tuple[str, str, str]]:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     return [
-        (f"ablation: {v['variant']}", f"P {fmt(v['precision'])} / R {fmt(v['recall'])}", f"class acc {fmt(v['class_accuracy'])}, leaks kept {v['leaks_kept']}")
+        (
+            f"ablation: {v['variant']}",
+            f"P {fmt(v['precision'])} / R {fmt(v['recall'])}",
+            f"class acc {fmt(v['class_accuracy'])}, leaks kept {v['leaks_kept']}",
+        )
         for v in r["variants"]
     ]
 
 
 def rows_embed(r: dict) -> list[tuple[str, str, str]]:
-    return [("embed: stage ÷ model-only images/s", f"{r['ratio']:.2f}", f"{r['stage_images_per_s']:.0f} vs {r['model_only_images_per_s']:.0f} images/s, {r['device']}, batch {r['batch_size']}")]
+    return [
+        (
+            "embed: stage ÷ model-only images/s",
+            f"{r['ratio']:.2f}",
+            f"{r['stage_images_per_s']:.0f} vs {r['model_only_images_per_s']:.0f} images/s, {r['device']}, batch {r['batch_size']}",
+        )
+    ]
 
 
 def rows_curate_scale(r: dict) -> list[tuple[str, str, str]]:
-    rows = [(f"curate core: {run['crawled']:,} crawled", f"{run['seconds']:.0f} s", f"peak RSS {run['peak_rss_gib']:.2f} GiB") for run in r["runs"]]
+    rows = [
+        (
+            f"curate core: {run['crawled']:,} crawled",
+            f"{run['seconds']:.0f} s",
+            f"peak RSS {run['peak_rss_gib']:.2f} GiB",
+        )
+        for run in r["runs"]
+    ]
     if "time_growth" in r:
         rows.append(("curate core: time growth", f"{r['time_growth']:.1f}×", f"for {r['size_growth']:.0f}× the crawl"))
     return rows
@@ -44,8 +74,16 @@ def rows_curate_scale(r: dict) -> list[tuple[str, str, str]]:
 def rows_fetch(r: dict) -> list[tuple[str, str, str]]:
     resume = r["resume"]
     return [
-        ("fetch: dextra ÷ plain img2dataset images/s", f"{r['median_ratio']:.2f}", f"median of {r['reps']}; {r['dextra_images_per_s']:.0f} vs {r['baseline_images_per_s']:.0f} images/s, {r['processes']} processes × {r['threads']} threads, loopback"),
-        ("fetch: resumed list download", f"{resume['resumed_bytes']:,} B", f"missing {resume['missing_bytes']:,} B (chunk {resume['chunk']:,} B)"),
+        (
+            "fetch: dextra ÷ plain img2dataset images/s",
+            f"{r['median_ratio']:.2f}",
+            f"median of {r['reps']}; {r['dextra_images_per_s']:.0f} vs {r['baseline_images_per_s']:.0f} images/s, {r['processes']} processes × {r['threads']} threads, loopback",
+        ),
+        (
+            "fetch: resumed list download",
+            f"{resume['resumed_bytes']:,} B",
+            f"missing {resume['missing_bytes']:,} B (chunk {resume['chunk']:,} B)",
+        ),
     ]
 
 
@@ -54,7 +92,13 @@ def rows_train(r: dict) -> list[tuple[str, str, str]]:
     for name, run in (("pixels", r.get("pixels")), ("latents", r.get("latents"))):
         if run:
             speedup = run["dextra_images_per_s"] / run["baseline_images_per_s"]
-            rows.append((f"pretrain ÷ diffusers-example loop ({name}, {run['resolution']} px)", f"{speedup:.2f}", f"{run['dextra_images_per_s']:.0f} vs {run['baseline_images_per_s']:.0f} images/s, batch {r['batch_size']}, {r['device']}"))
+            rows.append(
+                (
+                    f"pretrain ÷ diffusers-example loop ({name}, {run['resolution']} px)",
+                    f"{speedup:.2f}",
+                    f"{run['dextra_images_per_s']:.0f} vs {run['baseline_images_per_s']:.0f} images/s, batch {r['batch_size']}, {r['device']}",
+                )
+            )
     return rows
 
 

@@ -20,6 +20,7 @@ folder so nothing of the repository is touched. The model is params.yaml's train
 Rounds alternate the two, and the median images/s of each is compared (the machine may be shared).
 Writes bench/results/train.json under --root.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,9 @@ class CaptionedImages(Dataset):
     """The example's dataset: encoded images and captions, decoded and transformed per sample."""
 
     def __init__(self, folder: Path, resolution: int, tokenizer):
-        table = read_tables(shard_files(folder), CURATED_SCHEMA, columns=["image", "neighbor_captions", "neighbor_weights"])
+        table = read_tables(
+            shard_files(folder), CURATED_SCHEMA, columns=["image", "neighbor_captions", "neighbor_weights"]
+        )
         self.images = table.column("image").to_pylist()
         weights = table.column("neighbor_weights").to_pylist()
         self.captions = [c[int(np.argmax(w))] for c, w in zip(table.column("neighbor_captions").to_pylist(), weights)]
@@ -89,11 +92,21 @@ def baseline(params: Params, paths: Paths, steps: int) -> dict:
     text_encoder = clip.model.eval().requires_grad_(False)
     vae = load_vae(cfg.vae).to(accelerator.device) if cfg.vae else None
     dataset = CaptionedImages(paths.curated_shards, cfg.resolution, clip.tokenizer)
-    loader = DataLoader(dataset, shuffle=True, batch_size=cfg.batch_size, num_workers=0, drop_last=True,
-                        collate_fn=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+    loader = DataLoader(
+        dataset,
+        shuffle=True,
+        batch_size=cfg.batch_size,
+        num_workers=0,
+        drop_last=True,
+        collate_fn=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+    )
     torch.manual_seed(params.seed)
     condition = ConditionProjector(clip.embed_dim, cfg.cross_attention_dim, cfg.condition_tokens)
-    model = build_denoiser(cfg, condition, *((vae.config.latent_channels, cfg.resolution // vae_downscale(vae)) if vae else (3, cfg.resolution)))
+    model = build_denoiser(
+        cfg,
+        condition,
+        *((vae.config.latent_channels, cfg.resolution // vae_downscale(vae)) if vae else (3, cfg.resolution)),
+    )
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.pretrain.lr)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=params.pretrain.warmup_steps)
@@ -135,15 +148,25 @@ def dextra(params: Params, paths: Paths) -> dict:
     shutil.rmtree(checkpoint_dir(paths, "pretrain"), ignore_errors=True)
     started = time.perf_counter()
     summary = pretrain.run(params, paths)
-    return {"images_per_s": summary["images_per_s"], "seconds": summary["seconds"], "wall_s": time.perf_counter() - started, "images": summary["images"]}
+    return {
+        "images_per_s": summary["images_per_s"],
+        "seconds": summary["seconds"],
+        "wall_s": time.perf_counter() - started,
+        "images": summary["images"],
+    }
 
 
 def small_vae(folder: Path) -> Path:
     """A 3-level AutoencoderKL (64 px -> 4 x 16 x 16 latents), randomly initialised: no weights can be downloaded,
     and what is measured is its cost, not its quality (sd-vae-ft-ema is deeper and wider, so costs more)."""
     torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=[32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-                  latent_channels=4, sample_size=64).save_pretrained(folder)
+    AutoencoderKL(
+        block_out_channels=[32, 64, 64],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        latent_channels=4,
+        sample_size=64,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -154,8 +177,10 @@ def measure(params: Params, paths: Paths, steps: int, rounds: int) -> dict:
         runs["baseline"].append(baseline(params, paths, steps))
         runs["dextra"].append(dextra(params, paths))
     rate = {name: statistics.median(r["images_per_s"] for r in rs) for name, rs in runs.items()}
-    print(f"{params.train.resolution} px, vae {params.train.vae}: dextra pretrain {rate['dextra']:.1f} images/s, "
-          f"diffusers-style loop {rate['baseline']:.1f} images/s: {rate['dextra'] / rate['baseline']:.2f}x")
+    print(
+        f"{params.train.resolution} px, vae {params.train.vae}: dextra pretrain {rate['dextra']:.1f} images/s, "
+        f"diffusers-style loop {rate['baseline']:.1f} images/s: {rate['dextra'] / rate['baseline']:.2f}x"
+    )
     return {
         "resolution": params.train.resolution,
         "latent": params.train.vae is not None,
@@ -173,7 +198,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("."))
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per measured run")
     parser.add_argument("--rounds", type=int, default=2, help="measured runs of each, alternating")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads for both (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads for both (default: torch's)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     source = Paths(args.root)
@@ -196,15 +223,18 @@ def main() -> None:
     except DextraError as exc:
         print(f"bench/train.py: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    write_json(args.root / "bench" / "results" / "train.json", {
-        "device": str(pick_device(params.device)),
-        "torch_threads": args.threads,
-        "cpu_cores": os.cpu_count(),
-        "steps": args.steps,
-        "batch_size": params.train.batch_size,
-        "checkpoint_every": params.train.checkpoint_every,
-        **results,
-    })
+    write_json(
+        args.root / "bench" / "results" / "train.json",
+        {
+            "device": str(pick_device(params.device)),
+            "torch_threads": args.threads,
+            "cpu_cores": os.cpu_count(),
+            "steps": args.steps,
+            "batch_size": params.train.batch_size,
+            "checkpoint_every": params.train.checkpoint_every,
+            **results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ or the file changed since) starts the part over. Connection errors, timeouts, 5x
 exponential backoff and jitter (or the server's Retry-After). Only a file with the expected sha256 is renamed
 onto `<dest>`; one with another hash is kept as `<dest>.bad` and reported with both hashes.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,9 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from ..pipeline.atomic import write_json
-from ..pipeline.errors import InputError
-from ..pipeline.shards import file_sha256
+from dextra.pipeline.atomic import write_json
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.shards import file_sha256
 
 ATTEMPTS = 6
 BACKOFF_S = 1.0
@@ -63,7 +64,9 @@ def _range_start(content_range: str | None) -> int | None:
         return None
 
 
-def _attempt(session: requests.Session, url: str, part: Path, meta: Path, label: str, timeout_s: float, chunk: int) -> None:
+def _attempt(
+    session: requests.Session, url: str, part: Path, meta: Path, label: str, timeout_s: float, chunk: int
+) -> None:
     """One request: resume the part if it has a validator, else start over; returns when the part is complete."""
     offset = part.stat().st_size if part.exists() else 0
     saved = json.loads(meta.read_text()) if offset and meta.exists() else {}
@@ -83,14 +86,19 @@ def _attempt(session: requests.Session, url: str, part: Path, meta: Path, label:
         if code == 206 and "Range" in headers:
             if _range_start(response.headers.get("Content-Range")) != offset:
                 part.unlink(missing_ok=True)
-                raise _Retry(f"server sent {response.headers.get('Content-Range')!r} for bytes {offset}-; starting over", 0)
+                raise _Retry(
+                    f"server sent {response.headers.get('Content-Range')!r} for bytes {offset}-; starting over", 0
+                )
             mode = "ab"
         else:  # 200: Range ignored, or the file changed since the part began
             offset, mode = 0, "wb"
             write_json(meta, {"url": url, "validator": _validator(response)})
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
-        with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=label, mininterval=1) as bar:
+        with (
+            open(part, mode) as f,
+            tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=label, mininterval=1) as bar,
+        ):
             for block in response.raw.stream(chunk, decode_content=False):
                 f.write(block)
                 bar.update(len(block))
@@ -98,8 +106,17 @@ def _attempt(session: requests.Session, url: str, part: Path, meta: Path, label:
             raise _Retry(f"connection closed after {part.stat().st_size:,} of {total:,} bytes")
 
 
-def download_file(url: str, dest: Path, sha256: str, *, label: str, attempts: int = ATTEMPTS, backoff_s: float = BACKOFF_S,
-                  timeout_s: float = 60.0, chunk: int = CHUNK) -> Path:
+def download_file(
+    url: str,
+    dest: Path,
+    sha256: str,
+    *,
+    label: str,
+    attempts: int = ATTEMPTS,
+    backoff_s: float = BACKOFF_S,
+    timeout_s: float = 60.0,
+    chunk: int = CHUNK,
+) -> Path:
     """`dest`, downloaded (or resumed) from `url` and checked against `sha256`; `label` names it in messages."""
     if dest.exists() and file_sha256(dest) == sha256:
         return dest
@@ -114,7 +131,9 @@ def download_file(url: str, dest: Path, sha256: str, *, label: str, attempts: in
                 break
             except (_Retry, requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as exc:
                 if attempt + 1 == attempts:
-                    raise InputError(f"source {label}: cannot download {url} after {attempts} attempts ({exc})") from None
+                    raise InputError(
+                        f"source {label}: cannot download {url} after {attempts} attempts ({exc})"
+                    ) from None
                 wait = getattr(exc, "wait_s", None)
                 if wait is None:
                     wait = backoff_s * 2**attempt * random.uniform(0.5, 1.0)

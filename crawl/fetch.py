@@ -6,6 +6,7 @@ mode, which misses rows appended to a finished shard and never retries failures.
 thread commits each shard it finishes, so a run killed at any moment keeps those shards and the next run
 fetches only the rest. The guard (crawl/safety.py, crawl/worker.py) runs inside img2dataset's workers.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,15 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..pipeline.atomic import write_json
-from ..pipeline.errors import ParamsError
-from ..pipeline.manifest import load_manifest
-from ..pipeline.params import FetchParams, Params
-from ..pipeline.paths import Paths
-from ..pipeline.shards import URL_SCHEMA, read_tables, sha256_hex, shard_files, write_table
-from .safety import Policy
-from .status import CRAWL_STATUS_SCHEMA, commit, consolidate, crawl_lock, next_run, work_root
-from .worker import guarded_img2dataset, outcome
+from dextra.crawl.safety import Policy
+from dextra.crawl.status import CRAWL_STATUS_SCHEMA, commit, consolidate, crawl_lock, next_run, work_root
+from dextra.crawl.worker import guarded_img2dataset, outcome
+from dextra.pipeline.atomic import write_json
+from dextra.pipeline.errors import ParamsError
+from dextra.pipeline.manifest import load_manifest
+from dextra.pipeline.params import FetchParams, Params
+from dextra.pipeline.paths import Paths
+from dextra.pipeline.shards import URL_SCHEMA, read_tables, sha256_hex, shard_files, write_table
 
 IMAGE_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality")
 USER_AGENT_TOKEN = "img2dataset"  # the name X-Robots-Tag directives address img2dataset crawlers by
@@ -64,7 +65,13 @@ class _Committer:
     """Commits each img2dataset shard once its stats file exists (img2dataset writes that file last)."""
 
     def __init__(self, out: Path, paths: Paths, run_name: str, attempts: dict[str, int], encode_format: str):
-        self.out, self.paths, self.run_name, self.attempts, self.encode_format = out, paths, run_name, attempts, encode_format
+        self.out, self.paths, self.run_name, self.attempts, self.encode_format = (
+            out,
+            paths,
+            run_name,
+            attempts,
+            encode_format,
+        )
         self.committed: set[str] = set()
         self.rows: list[dict] = []
         self._stop = threading.Event()
@@ -97,14 +104,22 @@ class _Committer:
         for r in table.select(["url_id", "status", "error_message"]).to_pylist():
             status, transient, error = outcome(r["status"], r["error_message"])
             shard_file = f"{name}.parquet" if status == "ok" else None
-            rows.append({"url_id": r["url_id"], "status": status, "error": error, "shard": shard_file,
-                         "attempts": self.attempts.get(r["url_id"], 0) + 1, "transient": transient})
+            rows.append(
+                {
+                    "url_id": r["url_id"],
+                    "status": status,
+                    "error": error,
+                    "shard": shard_file,
+                    "attempts": self.attempts.get(r["url_id"], 0) + 1,
+                    "transient": transient,
+                }
+            )
         images = _image_rows(table.filter(pc.equal(table["status"], "success")), self.encode_format)
         commit(self.paths, name, pa.Table.from_pylist(rows, CRAWL_STATUS_SCHEMA), images, stats)
         self.committed.add(shard)
         self.rows += rows
 
-    def __enter__(self) -> "_Committer":
+    def __enter__(self) -> _Committer:
         self._thread.start()
         return self
 
@@ -126,15 +141,22 @@ def _check_distributor(fetch: FetchParams) -> None:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors must import dextra from this environment
 
 
-def _download(todo: pa.Table, paths: Paths, run_name: str, attempts: dict[str, int], policy: Policy, fetch: FetchParams) -> list[dict]:
+def _download(
+    todo: pa.Table, paths: Paths, run_name: str, attempts: dict[str, int], policy: Policy, fetch: FetchParams
+) -> list[dict]:
     """Fetch `todo` with img2dataset through the guard; returns the status rows it committed."""
     work_root(paths).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{run_name}-", dir=work_root(paths)))  # unique: a killed run's workers never write here
+    work = Path(
+        tempfile.mkdtemp(prefix=f"{run_name}-", dir=work_root(paths))
+    )  # unique: a killed run's workers never write here
     write_table(todo, work / "input.parquet", URL_SCHEMA)
     out = work / "out"
     sigint = signal.getsignal(signal.SIGINT)
     try:
-        with _Committer(out, paths, run_name, attempts, fetch.encode_format) as committer, guarded_img2dataset(policy) as download:
+        with (
+            _Committer(out, paths, run_name, attempts, fetch.encode_format) as committer,
+            guarded_img2dataset(policy) as download,
+        ):
             download(
                 url_list=str(work / "input.parquet"),
                 output_folder=str(out),
@@ -168,8 +190,17 @@ def _download(todo: pa.Table, paths: Paths, run_name: str, attempts: dict[str, i
     rows = committer.rows
     missing = sorted(set(todo["url_id"].to_pylist()) - {r["url_id"] for r in rows})
     if missing:  # a shard img2dataset gave up on: transient, so a later run tries again
-        failed = [{"url_id": key, "status": "error", "error": "no result: img2dataset's shard failed (see its output above)",
-                   "shard": None, "attempts": attempts.get(key, 0) + 1, "transient": True} for key in missing]
+        failed = [
+            {
+                "url_id": key,
+                "status": "error",
+                "error": "no result: img2dataset's shard failed (see its output above)",
+                "shard": None,
+                "attempts": attempts.get(key, 0) + 1,
+                "transient": True,
+            }
+            for key in missing
+        ]
         commit(paths, f"{run_name}-unfinished", pa.Table.from_pylist(failed, CRAWL_STATUS_SCHEMA), None, None)
         rows += failed
     return rows
@@ -183,8 +214,13 @@ def _check_image_settings(paths: Paths, fetch: FetchParams) -> None:
     stored = json.loads(record.read_text()) if record.exists() else wanted
     changed = [name for name in IMAGE_SETTINGS if stored.get(name) != wanted[name]]
     if changed and shard_files(paths.crawl_shards):
-        raise ParamsError("; ".join(f"fetch.{name}: {wanted[name]!r}, but the images in {paths.crawl_shards} were stored with {stored.get(name)!r}" for name in changed)
-                          + f". Fetched URLs are never fetched again, so only new ones would get the new setting: set it back, or delete {paths.crawl} to fetch every URL again")
+        raise ParamsError(
+            "; ".join(
+                f"fetch.{name}: {wanted[name]!r}, but the images in {paths.crawl_shards} were stored with {stored.get(name)!r}"
+                for name in changed
+            )
+            + f". Fetched URLs are never fetched again, so only new ones would get the new setting: set it back, or delete {paths.crawl} to fetch every URL again"
+        )
     write_json(record, wanted)
 
 
@@ -218,10 +254,14 @@ def _report(summary: dict, rows: list[dict], status: pa.Table, transient_retries
     reasons = Counter(r["error"].split(": ")[0] for r in rows if r["status"] != "ok")
     total = Counter(status["status"].to_pylist())
     waiting = pc.sum(_retryable(status, transient_retries)).as_py() or 0
-    lines = [f"dextra fetch: {len(rows)} URLs fetched ({summary['new']} new, {summary['retried']} retried)",
-             f"  {'outcome':<10}{'this run':>10}{'all URLs':>10}"]
+    lines = [
+        f"dextra fetch: {len(rows)} URLs fetched ({summary['new']} new, {summary['retried']} retried)",
+        f"  {'outcome':<10}{'this run':>10}{'all URLs':>10}",
+    ]
     lines += [f"  {name:<10}{this_run.get(name, 0):>10}{total.get(name, 0):>10}" for name in OUTCOMES]
-    lines.append(f"  {waiting} transient error(s) will be retried by the next run (fetch.transient_retries: {transient_retries})")
+    lines.append(
+        f"  {waiting} transient error(s) will be retried by the next run (fetch.transient_retries: {transient_retries})"
+    )
     if reasons:
         lines.append("  reasons this run: " + ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common(10)))
     print("\n".join(lines), flush=True)

@@ -5,6 +5,7 @@ short decodes into a grey-padded picture that counts as a success, and a 16-bit 
 re-encoded as 8-bit. Here the pixel count is read from the header (Pillow parses only that), truncated JPEGs
 are caught by their missing end marker, and 16-bit images are brought to 8 bits before the resizer sees them.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,7 +46,9 @@ def check_image(data: bytes, max_pixels: int) -> bytes:
     except Image.DecompressionBombError as exc:  # Pillow's own limit, far above max_pixels, hides the size
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(pixels.group(1)):,} pixels" if pixels else str(exc)
-        raise UnusableImage(f"decompression bomb: {size} is over fetch.max_pixels ({max_pixels:,}), read from the header; not decoded") from None
+        raise UnusableImage(
+            f"decompression bomb: {size} is over fetch.max_pixels ({max_pixels:,}), read from the header; not decoded"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise UnusableImage(f"not an image: {_describe(data)}") from None
     width, height = image.size

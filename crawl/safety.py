@@ -8,19 +8,20 @@ and the socket connects to a checked address, so a DNS answer that changes betwe
 and redirects only to http(s). img2dataset fetches with urllib, so crawl/worker.py puts this opener in its
 worker processes.
 """
+
 from __future__ import annotations
 
 import functools
 import http.client
 import socket
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address
-from typing import Iterable
 from urllib.parse import urljoin, urlsplit
 
-from ..pipeline.manifest import Manifest
-from ..pipeline.params import FetchParams, parse_address_rule
+from dextra.pipeline.manifest import Manifest
+from dextra.pipeline.params import FetchParams, parse_address_rule
 
 MAX_URL_LENGTH = 2048
 REDIRECT_SCHEMES = frozenset({"http", "https"})  # whatever a manifest allows, a server never redirects to file://
@@ -42,7 +43,7 @@ class Policy:
     max_pixels: int = 40_000_000
 
     @classmethod
-    def from_params(cls, fetch: FetchParams, manifest: Manifest) -> "Policy":
+    def from_params(cls, fetch: FetchParams, manifest: Manifest) -> Policy:
         return cls(
             schemes=frozenset(manifest.allowed_schemes),
             allow=tuple(parse_address_rule(a) for a in fetch.allow_addresses),
@@ -99,7 +100,9 @@ def address_refusal(address: str, port: int, policy: Policy) -> str | None:
     return f"{ip} is a {kind} address (not in fetch.allow_addresses)"
 
 
-def connect(policy: Policy, address: tuple[str, int], timeout: float | None = None, source_address=None) -> socket.socket:
+def connect(
+    policy: Policy, address: tuple[str, int], timeout: float | None = None, source_address=None
+) -> socket.socket:
     """socket.create_connection that connects only to addresses the policy allows, resolving the host once."""
     host, port = address
     refusals, error = [], None

@@ -7,6 +7,7 @@ wins, as a transient failure retried later is replaced) and deletes what no comm
 shards and temporary files of a run killed mid-commit, and img2dataset's working folders. So after a kill
 at any moment the next run keeps every committed shard and fetches exactly the URLs without a row.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,17 +15,17 @@ import fcntl
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..pipeline.atomic import write_bytes
-from ..pipeline.errors import InputError
-from ..pipeline.paths import Paths
-from ..pipeline.shards import STATUS_SCHEMA, read_table, shard_files, write_table
+from dextra.pipeline.atomic import write_bytes
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.paths import Paths
+from dextra.pipeline.shards import STATUS_SCHEMA, read_table, shard_files, write_table
 
 # status: ok | error | refused | opt-out. The contract's columns, then how often the URL was tried and
 # whether its error was transient (a later run tries it again while attempts <= fetch.transient_retries).
@@ -54,7 +55,12 @@ def _run_number(name: str) -> int:
 
 
 def next_run(paths: Paths) -> str:
-    names = [p.name for folder in (paths.crawl_shards, stats_dir(paths), journal_dir(paths)) if folder.exists() for p in folder.iterdir()]
+    names = [
+        p.name
+        for folder in (paths.crawl_shards, stats_dir(paths), journal_dir(paths))
+        if folder.exists()
+        for p in folder.iterdir()
+    ]
     return f"run{1 + max(map(_run_number, names), default=0):04d}"
 
 
@@ -67,7 +73,9 @@ def crawl_lock(paths: Paths) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InputError(f"{paths.crawl}: another `dextra fetch` is running on it; wait for it or stop it") from None
+            raise InputError(
+                f"{paths.crawl}: another `dextra fetch` is running on it; wait for it or stop it"
+            ) from None
         yield
     finally:
         os.close(fd)  # releases the lock

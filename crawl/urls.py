@@ -3,6 +3,7 @@
 A URL's id is a hash of its normalised form, so the same image link keeps the same id across lists,
 reorderings and re-runs; that is what lets `fetch` fetch only what it has never attempted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,12 +15,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..pipeline.errors import InputError
-from ..pipeline.manifest import UrlSource, load_manifest
-from ..pipeline.params import Params
-from ..pipeline.paths import Paths
-from ..pipeline.shards import URL_SCHEMA, shard_files, write_table
-from .download import download_file
+from dextra.crawl.download import download_file
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.manifest import UrlSource, load_manifest
+from dextra.pipeline.params import Params
+from dextra.pipeline.paths import Paths
+from dextra.pipeline.shards import URL_SCHEMA, shard_files, write_table
 
 _AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$", re.DOTALL)
 
@@ -49,7 +50,9 @@ def _read_list(path: Path, fmt: str) -> pd.DataFrame:
         raise InputError(f"{path}: URL list not found")
     try:
         if fmt in ("csv", "tsv"):
-            return pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False, na_values=[""])
+            return pd.read_csv(
+                path, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False, na_values=[""]
+            )
         if fmt == "jsonl":
             return pd.read_json(path, lines=True, dtype=False)
         return pq.read_table(path).to_pandas()
@@ -101,7 +104,11 @@ def run(params: Params, paths: Paths) -> dict:
     # Read every source before writing any, so one broken source leaves all lists as they were.
     tables, summary = {}, {}
     for source in manifest.sources:
-        path = download_file(source.url, download_path(paths, source), source.sha256, label=source.name) if source.url else paths.root / source.path
+        path = (
+            download_file(source.url, download_path(paths, source), source.sha256, label=source.name)
+            if source.url
+            else paths.root / source.path
+        )
         tables[source.name], summary[source.name] = build_list(source, path)
     for name, table in tables.items():
         write_table(table, paths.urls / f"{name}.parquet", URL_SCHEMA)
@@ -109,7 +116,10 @@ def run(params: Params, paths: Paths) -> dict:
     for stem in removed:
         (paths.urls / f"{stem}.parquet").unlink()
     keep = {download_path(paths, s).name for s in manifest.sources if s.url}
-    for stale in (*paths.urls.glob(".*.tmp"), *(paths.urls / "downloads").glob("*")):  # .tmp: writes cut short by a kill
+    for stale in (
+        *paths.urls.glob(".*.tmp"),
+        *(paths.urls / "downloads").glob("*"),
+    ):  # .tmp: writes cut short by a kill
         if stale.name.removesuffix(".json").removesuffix(".part").removesuffix(".bad") in keep:
             continue
         if stale.is_dir():

@@ -11,12 +11,13 @@ crawl/images.py's checks in front of the resizer.
 The outcome of each URL has to come back through img2dataset's one free-text column, error_message, so
 messages start with a kind: `refused`, `opt-out`, `transient` or `permanent` (see `outcome`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import http.client
+import importlib
 import io
 import multiprocessing
 import os
@@ -33,8 +34,8 @@ from img2dataset import downloader as img2dataset_downloader  # noqa: E402
 from img2dataset.downloader import Downloader, is_disallowed  # noqa: E402
 from img2dataset.logger import LoggerProcess  # noqa: E402
 
-from .images import UnusableImage, check_image  # noqa: E402
-from .safety import Policy, Refused, build_opener, url_refusal  # noqa: E402
+from dextra.crawl.images import UnusableImage, check_image  # noqa: E402
+from dextra.crawl.safety import Policy, Refused, build_opener, url_refusal  # noqa: E402
 
 img2dataset_main = importlib.import_module("img2dataset.main")  # the package's `main` attribute is a function
 
@@ -81,14 +82,20 @@ def _read_body(response, policy: Policy, deadline: float) -> bytes:
     declared = response.headers.get("Content-Length", "").strip()
     declared = int(declared) if declared.isdigit() else None
     if declared is not None and declared > policy.max_bytes:
-        raise Failure(PERMANENT, f"too large: Content-Length {declared:,} is over fetch.max_bytes ({policy.max_bytes:,}); not read")
+        raise Failure(
+            PERMANENT,
+            f"too large: Content-Length {declared:,} is over fetch.max_bytes ({policy.max_bytes:,}); not read",
+        )
     # read1 returns what has arrived, so a drip cannot hold a read: a transfer ends within max_seconds plus one
     # read timeout (each read, like the connect and each redirect hop, is bounded by min(timeout_s, max_seconds))
     read = getattr(response, "read1", response.read)
     chunks, size = [], 0
     while True:
         if time.monotonic() > deadline:
-            raise Failure(TRANSIENT, f"too slow: not finished after fetch.max_seconds ({policy.max_seconds:g} s), {size:,} bytes read")
+            raise Failure(
+                TRANSIENT,
+                f"too slow: not finished after fetch.max_seconds ({policy.max_seconds:g} s), {size:,} bytes read",
+            )
         chunk = read(CHUNK)
         if not chunk:
             break
@@ -97,18 +104,28 @@ def _read_body(response, policy: Policy, deadline: float) -> bytes:
             raise Failure(PERMANENT, f"too large: body is over fetch.max_bytes ({policy.max_bytes:,}); cut off")
         chunks.append(chunk)
     if declared is not None and size < declared:
-        raise Failure(TRANSIENT, f"truncated: body ended after {size:,} of the {declared:,} bytes of its Content-Length")
+        raise Failure(
+            TRANSIENT, f"truncated: body ended after {size:,} of the {declared:,} bytes of its Content-Length"
+        )
     return b"".join(chunks)
 
 
-def fetch_bytes(url: str, policy: Policy, opener: urllib.request.OpenerDirector, timeout: float,
-                user_agent_token: str | None, opt_out: set[str] | None) -> bytes:
+def fetch_bytes(
+    url: str,
+    policy: Policy,
+    opener: urllib.request.OpenerDirector,
+    timeout: float,
+    user_agent_token: str | None,
+    opt_out: set[str] | None,
+) -> bytes:
     """The body of `url`, or a Failure saying why not and whether a later run may try again."""
     reason = url_refusal(url, policy.schemes)
     if reason:
         raise Failure(REFUSED, f"refused URL: {reason}")
     deadline = time.monotonic() + policy.max_seconds
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT.format(token=user_agent_token or "img2dataset")})
+    request = urllib.request.Request(
+        url, headers={"User-Agent": USER_AGENT.format(token=user_agent_token or "img2dataset")}
+    )
     try:
         with opener.open(request, timeout=min(timeout, policy.max_seconds)) as response:
             if opt_out and is_disallowed(response.headers, user_agent_token, opt_out):
@@ -119,7 +136,9 @@ def fetch_bytes(url: str, policy: Policy, opener: urllib.request.OpenerDirector,
     except HTTPError as exc:
         exc.close()
         if 300 <= exc.code < 400:
-            raise Failure(PERMANENT, f"redirect loop: more than 10 redirects, or one URL 4 times (last HTTP {exc.code})") from None
+            raise Failure(
+                PERMANENT, f"redirect loop: more than 10 redirects, or one URL 4 times (last HTTP {exc.code})"
+            ) from None
         transient = exc.code in (408, 425, 429) or exc.code >= 500
         raise Failure(TRANSIENT if transient else PERMANENT, f"HTTP {exc.code}: {exc.reason}") from None
     except URLError as exc:
@@ -134,7 +153,11 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives,
     """img2dataset.downloader.download_image's signature and return value, fetching through the guard."""
     key, url = row
     try:
-        return key, io.BytesIO(fetch_bytes(url, policy, opener, timeout, user_agent_token, disallowed_header_directives)), None
+        return (
+            key,
+            io.BytesIO(fetch_bytes(url, policy, opener, timeout, user_agent_token, disallowed_header_directives)),
+            None,
+        )
     except Failure as exc:
         return key, None, str(exc)
 

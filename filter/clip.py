@@ -8,14 +8,15 @@ from scratch on a thousand images, plain CLIP learns whatever tells a batch's pa
 colours), and the class term makes it also learn what the classes differ in, which the class detector needs.
 models/clip/ then holds the config and the weights, so loading needs nothing but that folder.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import open_clip
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from open_clip.loss import ClipLoss
-from torchvision.io import ImageReadMode, decode_image
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
 from dextra.pipeline.atomic import atomic_path, write_json
@@ -62,14 +63,24 @@ class ClipBundle:
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Embed float images in [0, 1], shape (N, 3, H, W), of any size: resized and normalised like `preprocess`."""
-        pixels = F.interpolate(pixels.to(self.device, torch.float32), size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False)
+        pixels = F.interpolate(
+            pixels.to(self.device, torch.float32),
+            size=(self.image_size, self.image_size),
+            mode="bicubic",
+            antialias=True,
+            align_corners=False,
+        )
         mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
         return F.normalize(self.model.encode_image((pixels.clamp(0, 1) - mean) / std), dim=-1)
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else int(self.model.visual.output_dim)
+        return (
+            int(self.model.text_projection.shape[1])
+            if hasattr(self.model, "text_projection")
+            else int(self.model.visual.output_dim)
+        )
 
 
 def _register_config(model: str, search: Path) -> None:
@@ -142,7 +153,14 @@ def preprocess_pixels(preprocess: Callable, images: Sequence[torch.Tensor]) -> t
 
 
 # augment's ranges: zoom-out scale, extra width factor, degrees, shear, how far past the edge a shift may go, pixel noise
-AUGMENT_SCALE, AUGMENT_ASPECT, AUGMENT_DEGREES, AUGMENT_SHEAR, AUGMENT_OVERHANG, AUGMENT_NOISE = (0.55, 1.0), (0.75, 1.1), 20.0, 0.2, 0.05, 0.04
+AUGMENT_SCALE, AUGMENT_ASPECT, AUGMENT_DEGREES, AUGMENT_SHEAR, AUGMENT_OVERHANG, AUGMENT_NOISE = (
+    (0.55, 1.0),
+    (0.75, 1.1),
+    20.0,
+    0.2,
+    0.05,
+    0.04,
+)
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -173,10 +191,14 @@ def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
     out = F.grid_sample(pixels - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
     stroke = torch.rand(n, generator=generator)[:, None, None, None]
-    out = torch.where(stroke < 0.2, F.max_pool2d(out, 3, 1, 1), torch.where(stroke > 0.8, -F.max_pool2d(-out, 3, 1, 1), out))
+    out = torch.where(
+        stroke < 0.2, F.max_pool2d(out, 3, 1, 1), torch.where(stroke > 0.8, -F.max_pool2d(-out, 3, 1, 1), out)
+    )
     blur = torch.rand(n, generator=generator)[:, None, None, None] < 0.3
     out = torch.where(blur, TF.gaussian_blur(out, [3, 3], [0.8, 0.8]), out)
-    sigma = torch.where(torch.rand(n, generator=generator) < 0.3, uniform(0, AUGMENT_NOISE), torch.zeros(n))[:, None, None, None]
+    sigma = torch.where(torch.rand(n, generator=generator) < 0.3, uniform(0, AUGMENT_NOISE), torch.zeros(n))[
+        :, None, None, None
+    ]
     return (out + sigma * torch.randn(out.shape, generator=generator)).clamp(0, 1)
 
 
@@ -189,12 +211,21 @@ class _Objective(torch.nn.Module):
         self.clip_loss, self.weight = ClipLoss(), weight if n_classes > 1 else 0.0
         self.head = torch.nn.Linear(embed_dim, n_classes) if self.weight else None
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
         loss = self.clip_loss(image, text, scale)
         return loss + self.weight * F.cross_entropy(self.head(image) * scale, labels) if self.head is not None else loss
 
 
-def _pairs_loss(bundle: ClipBundle, pixels: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor, objective: _Objective, batch_size: int) -> float:
+def _pairs_loss(
+    bundle: ClipBundle,
+    pixels: torch.Tensor,
+    texts: torch.Tensor,
+    labels: torch.Tensor,
+    objective: _Objective,
+    batch_size: int,
+) -> float:
     """Mean training objective over fixed batches, without gradients: the held-out score for early stopping."""
     losses = []
     with torch.no_grad():
@@ -205,8 +236,13 @@ def _pairs_loss(bundle: ClipBundle, pixels: torch.Tensor, texts: torch.Tensor, l
     return float(np.mean(losses))
 
 
-def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Sequence[Sequence[str]], params: Params,
-                      classes: Sequence[str | None] | None = None) -> list[dict]:
+def train_contrastive(
+    bundle: ClipBundle,
+    images: Sequence[bytes],
+    captions: Sequence[Sequence[str]],
+    params: Params,
+    classes: Sequence[str | None] | None = None,
+) -> list[dict]:
     """Contrastive training on (image, random one of its captions) pairs, keeping the weights of the epoch with
     the lowest loss on a held-out part of the pairs (first captions; with clip.augment, images augmented once, so
     the score judges varied compositions), and stopping after `patience` epochs without a better one. `classes`
@@ -218,7 +254,9 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
     pixels = preprocess_pixels(bundle.preprocess, [decode_pixels(b) for b in images])
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (bundle.mean, bundle.std))
     augmented = lambda normalised, draws: (augment(normalised * std + mean, draws) - mean) / std  # noqa: E731 (augment works on [0, 1] pixels)
-    index = {name: i for i, name in enumerate(sorted(set(classes)))} if classes is not None and None not in classes else {}
+    index = (
+        {name: i for i, name in enumerate(sorted(set(classes)))} if classes is not None and None not in classes else {}
+    )
     labels = torch.tensor([index[c] for c in classes]) if index else torch.zeros(len(images), dtype=torch.long)
     objective = _Objective(bundle.embed_dim, len(index), cfg.class_loss_weight).to(bundle.device)
     order = torch.randperm(len(images), generator=generator)
@@ -229,13 +267,19 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
     if cfg.augment and n_holdout:  # augmented once, with a generator of its own: the same held-out images every epoch
         held_pixels = augmented(held_pixels, torch.Generator().manual_seed(params.seed + 1))
     model = bundle.model
-    optimizer = torch.optim.AdamW([*model.parameters(), *objective.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [*model.parameters(), *objective.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     batch_size = min(cfg.batch_size, len(train))
     steps_per_epoch = max(1, len(train) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.train_epochs * steps_per_epoch, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.train_epochs * steps_per_epoch, pct_start=0.1
+    )
     history: list[dict] = []
     best_loss, best_epoch = float("inf"), 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # if no epoch beats the start (diverged)
+    best_state = {
+        k: v.detach().clone() for k, v in model.state_dict().items()
+    }  # if no epoch beats the start (diverged)
     for epoch in tqdm(range(cfg.train_epochs), desc="clip", unit="epoch"):
         model.train()
         shuffled = train[torch.randperm(len(train), generator=generator)]
@@ -252,10 +296,18 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
             schedule.step()
             losses.append(loss.item())
         model.eval()
-        held_loss = _pairs_loss(bundle, held_pixels, held_texts, labels[held], objective, batch_size) if n_holdout else float(np.mean(losses))
+        held_loss = (
+            _pairs_loss(bundle, held_pixels, held_texts, labels[held], objective, batch_size)
+            if n_holdout
+            else float(np.mean(losses))
+        )
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "heldout_loss": held_loss})
         if held_loss < best_loss:
-            best_loss, best_epoch, best_state = held_loss, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_loss, best_epoch, best_state = (
+                held_loss,
+                epoch,
+                {k: v.detach().clone() for k, v in model.state_dict().items()},
+            )
         elif epoch - best_epoch >= cfg.patience:
             break
     model.load_state_dict(best_state)
@@ -264,9 +316,15 @@ def train_contrastive(bundle: ClipBundle, images: Sequence[bytes], captions: Seq
 
 
 @torch.no_grad()
-def retrieval_recall(bundle: ClipBundle, images: Sequence[bytes], captions: Sequence[Sequence[str]], params: Params, ks: Sequence[int] = (1, 5)) -> dict:
+def retrieval_recall(
+    bundle: ClipBundle,
+    images: Sequence[bytes],
+    captions: Sequence[Sequence[str]],
+    params: Params,
+    ks: Sequence[int] = (1, 5),
+) -> dict:
     """Image→text (any of the image's captions in the top k) and text→image (its image in the top k) recall."""
-    from .embed import embed_images  # embed builds on this module
+    from dextra.filter.embed import embed_images  # embed builds on this module
 
     image_features = torch.from_numpy(embed_images(bundle, list(images), params)[0])
     owner = torch.tensor([i for i, texts in enumerate(captions) for _ in texts])
@@ -275,7 +333,9 @@ def retrieval_recall(bundle: ClipBundle, images: Sequence[bytes], captions: Sequ
     out = {}
     for k in ks:
         top_texts = similarity.topk(min(k, similarity.shape[1]), dim=1).indices
-        out[f"image_to_text_r{k}"] = float((owner[top_texts] == torch.arange(len(images))[:, None]).any(dim=1).float().mean())
+        out[f"image_to_text_r{k}"] = float(
+            (owner[top_texts] == torch.arange(len(images))[:, None]).any(dim=1).float().mean()
+        )
         top_images = similarity.T.topk(min(k, similarity.shape[0]), dim=1).indices
         out[f"text_to_image_r{k}"] = float((top_images == owner[:, None]).any(dim=1).float().mean())
     return out
@@ -290,16 +350,32 @@ def run(params: Params, paths: Paths) -> dict:
     if params.clip.train_epochs:
         train = read_table(paths.seed_split("train"), columns=["image", "captions", "class"])
         if train.num_rows < 2:
-            raise InputError(f"{paths.seed_split('train')}: needs at least 2 images to train CLIP, has {train.num_rows}")
-        history = train_contrastive(bundle, train.column("image").to_pylist(), train.column("captions").to_pylist(), params,
-                                    train.column("class").to_pylist())
+            raise InputError(
+                f"{paths.seed_split('train')}: needs at least 2 images to train CLIP, has {train.num_rows}"
+            )
+        history = train_contrastive(
+            bundle,
+            train.column("image").to_pylist(),
+            train.column("captions").to_pylist(),
+            params,
+            train.column("class").to_pylist(),
+        )
     test = read_table(paths.seed_split("test"), columns=["image", "captions"])
     recall = retrieval_recall(bundle, test.column("image").to_pylist(), test.column("captions").to_pylist(), params)
     with atomic_path(paths.clip) as tmp:
         tmp.mkdir()
         torch.save({"state_dict": bundle.model.state_dict()}, tmp / CHECKPOINT)
-        (tmp / f"{params.clip.model}.json").write_text(json.dumps(open_clip.get_model_config(params.clip.model), indent=2))
-        write_json(tmp / MODEL_INFO, {"model": params.clip.model, "pretrained": params.clip.pretrained, "epochs": history})
+        (tmp / f"{params.clip.model}.json").write_text(
+            json.dumps(open_clip.get_model_config(params.clip.model), indent=2)
+        )
+        write_json(
+            tmp / MODEL_INFO, {"model": params.clip.model, "pretrained": params.clip.pretrained, "epochs": history}
+        )
     write_json(paths.metrics / "clip.json", {**recall, "test_images": test.num_rows, "epochs_trained": len(history)})
     best = min(history, key=lambda e: e["heldout_loss"]) if history else None
-    return {"model": params.clip.model, "epochs": len(history), "best_epoch": best and best["epoch"], **{k: round(v, 3) for k, v in recall.items()}}
+    return {
+        "model": params.clip.model,
+        "epochs": len(history),
+        "best_epoch": best and best["epoch"],
+        **{k: round(v, 3) for k, v in recall.items()},
+    }

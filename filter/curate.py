@@ -6,18 +6,31 @@ leak (a near copy of a seed *test* image), cluster (detector 1), class (detector
 distance to the seed set; by default only for datasets without classes) — with every score computed for it.
 Kept images get the paper's linear text extrapolation (filter/extrapolate.py).
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from dextra.filter.dedup import LeakBank, exact_duplicates, near_duplicates
+from dextra.filter.detectors import ClassDetector, cluster_detector, seed_spread_threshold
+from dextra.filter.extrapolate import extrapolate_batch
+from dextra.filter.index import (
+    SEARCH_BATCH,
+    add_to_lists,
+    build_index,
+    inner_products,
+    lists_over,
+    search,
+    search_lists,
+)
 from dextra.pipeline.atomic import atomic_path, write_json
 from dextra.pipeline.device import pick_device
 from dextra.pipeline.errors import InputError
@@ -36,11 +49,6 @@ from dextra.pipeline.shards import (
     shard_files,
     write_table,
 )
-
-from .dedup import LeakBank, exact_duplicates, near_duplicates
-from .detectors import ClassDetector, cluster_detector, seed_spread_threshold
-from .extrapolate import extrapolate_batch
-from .index import SEARCH_BATCH, add_to_lists, build_index, inner_products, lists_over, search, search_lists
 
 
 @dataclass
@@ -88,7 +96,7 @@ class Decisions:
     class_confidence: np.ndarray
 
     @classmethod
-    def empty(cls, n: int) -> "Decisions":
+    def empty(cls, n: int) -> Decisions:
         text = lambda: np.full(n, None, object)  # noqa: E731
         number = lambda: np.full(n, np.nan, np.float32)  # noqa: E731
         return cls(text(), text(), text(), text(), text(), text(), number(), number(), number(), number(), number())
@@ -117,7 +125,15 @@ class Extrapolation:
 LIST_ROWS = 500_000  # crawled images held in inverted lists at once (fp16 codes: 0.5 GB at d = 512)
 
 
-def _crawl_neighbors(vectors: np.ndarray, rows: np.ndarray, seed_index, seed_scores: np.ndarray, seed_neighbors: np.ndarray, cfg: CurateParams, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def _crawl_neighbors(
+    vectors: np.ndarray,
+    rows: np.ndarray,
+    seed_index,
+    seed_scores: np.ndarray,
+    seed_neighbors: np.ndarray,
+    cfg: CurateParams,
+    k: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
     """Each of `vectors[rows]`'s k nearest neighbours among them (positions into rows). Exact up to
     exact_index_max; beyond, inverted lists whose centres are the seed images: every crawled image is filed
     under its nearest seed image and probes its nprobe nearest ones, all already known exactly, so lists cost
@@ -133,7 +149,12 @@ def _crawl_neighbors(vectors: np.ndarray, rows: np.ndarray, seed_index, seed_sco
         for start in range(part, min(len(rows), part + LIST_ROWS), SEARCH_BATCH):
             held = rows[start : min(start + SEARCH_BATCH, part + LIST_ROWS)]
             add_to_lists(lists, vectors[held], seed_neighbors[held, 0])
-        found = [search_lists(lists, vectors[rows[b]], k, seed_neighbors[rows[b], : cfg.nprobe], seed_scores[rows[b], : cfg.nprobe]) for b in batches]
+        found = [
+            search_lists(
+                lists, vectors[rows[b]], k, seed_neighbors[rows[b], : cfg.nprobe], seed_scores[rows[b], : cfg.nprobe]
+            )
+            for b in batches
+        ]
         del lists
         part_neighbors = np.concatenate([f[1] for f in found])
         scores = np.concatenate([scores, np.concatenate([f[0] for f in found])], axis=1)
@@ -143,7 +164,9 @@ def _crawl_neighbors(vectors: np.ndarray, rows: np.ndarray, seed_index, seed_sco
     return scores, neighbors
 
 
-def curate_core(seed: Seed, crawl: Crawl, cfg: CurateParams, random_seed: int, device: torch.device) -> tuple[Decisions, Extrapolation, dict]:
+def curate_core(
+    seed: Seed, crawl: Crawl, cfg: CurateParams, random_seed: int, device: torch.device
+) -> tuple[Decisions, Extrapolation, dict]:
     """Decide every crawled image and extrapolate the kept ones; also returns the thresholds used.
     The same inputs give the same outputs bit for bit, whatever the number of threads (filter/index.py)."""
     n = len(crawl.ids)
@@ -164,9 +187,14 @@ def curate_core(seed: Seed, crawl: Crawl, cfg: CurateParams, random_seed: int, d
         d.duplicate_of[position[copy]] = original
         d.drop([position[copy]], "duplicate", ["same bytes"])
     candidates = d.open_rows()
-    neighbor_scores, neighbor_rows = _crawl_neighbors(crawl.vectors, candidates, seed_index, seed_scores, seed_neighbors, cfg)
+    neighbor_scores, neighbor_rows = _crawl_neighbors(
+        crawl.vectors, candidates, seed_index, seed_scores, seed_neighbors, cfg
+    )
     near = near_duplicates(
-        [crawl.ids[r] for r in candidates], neighbor_rows, neighbor_scores, cfg.near_duplicate_similarity,
+        [crawl.ids[r] for r in candidates],
+        neighbor_rows,
+        neighbor_scores,
+        cfg.near_duplicate_similarity,
         [crawl.hashes[r] for r in candidates] if crawl.hashes is not None else None,
         (lambda rows: crawl.read_images(candidates[rows])) if crawl.read_images is not None else None,
         cfg.near_duplicate_hash_distance,
@@ -191,37 +219,69 @@ def curate_core(seed: Seed, crawl: Crawl, cfg: CurateParams, random_seed: int, d
             if similarities[best] >= cfg.leak_similarity:
                 test_id = seed.test_ids[matched[row][best]]
                 d.leak_of[row], d.leak_similarity[row] = test_id, similarities[best]
-                d.drop([row], "leak", [f"copies seed test image {test_id}: pHash within {cfg.leak_hash_distance} bits, CLIP {similarities[best]:.3f}"])
+                d.drop(
+                    [row],
+                    "leak",
+                    [
+                        f"copies seed test image {test_id}: pHash within {cfg.leak_hash_distance} bits, CLIP {similarities[best]:.3f}"
+                    ],
+                )
 
     thresholds = {}
     if cfg.cluster_detector:
         thresholds["cluster"] = seed_spread_threshold(seed_index, seed.vectors, cfg.seed_k, cfg.cluster_percentile)
         # Copies and leaks don't shape clusters.
         rows = by_url[d.outcome[by_url] == None]  # noqa: E711 (elementwise)
-        labels, centre = cluster_detector(crawl.vectors, rows, [crawl.queries[r] for r in rows], seed_index, cfg.seed_k, cfg.clusters_per_query, cfg.min_cluster_size, random_seed)
+        labels, centre = cluster_detector(
+            crawl.vectors,
+            rows,
+            [crawl.queries[r] for r in rows],
+            seed_index,
+            cfg.seed_k,
+            cfg.clusters_per_query,
+            cfg.min_cluster_size,
+            random_seed,
+        )
         d.cluster[rows], d.cluster_similarity[rows] = labels, centre
         far = np.flatnonzero(centre < thresholds["cluster"])
-        d.drop(rows[far], "cluster", [f"cluster {labels[j]} centre similarity {centre[j]:.3f} < {thresholds['cluster']:.3f}" for j in far])
+        d.drop(
+            rows[far],
+            "cluster",
+            [f"cluster {labels[j]} centre similarity {centre[j]:.3f} < {thresholds['cluster']:.3f}" for j in far],
+        )
 
     has_classes = all(c is not None for c in seed.classes) and len(set(seed.classes)) > 1
     if cfg.class_detector and has_classes:
-        predicted, confidence = ClassDetector(seed.vectors, seed.classes, cfg.classifier_c, random_seed).predict(crawl.vectors)
+        predicted, confidence = ClassDetector(seed.vectors, seed.classes, cfg.classifier_c, random_seed).predict(
+            crawl.vectors
+        )
         d.predicted_class[:], d.class_confidence[:] = predicted, confidence
         query_class = np.asarray(crawl.classes, object)
         wrong = np.flatnonzero((query_class != None) & (predicted != query_class))  # noqa: E711 (elementwise)
-        d.drop(wrong, "class", [f"looks like class {predicted[r]} ({confidence[r]:.2f}), query is for class {query_class[r]}" for r in wrong])
+        d.drop(
+            wrong,
+            "class",
+            [
+                f"looks like class {predicted[r]} ({confidence[r]:.2f}), query is for class {query_class[r]}"
+                for r in wrong
+            ],
+        )
         unsure = np.flatnonzero(confidence < cfg.min_class_confidence)
         d.drop(unsure, "class", [f"class confidence {confidence[r]:.2f} < {cfg.min_class_confidence}" for r in unsure])
 
     if cfg.distance_detector == "on" or (cfg.distance_detector == "auto" and not has_classes):
         thresholds["distance"] = seed_spread_threshold(seed_index, seed.vectors, cfg.seed_k, cfg.distance_percentile)
         far = np.flatnonzero(d.seed_similarity < thresholds["distance"])
-        d.drop(far, "distance", [f"seed similarity {d.seed_similarity[r]:.3f} < {thresholds['distance']:.3f}" for r in far])
+        d.drop(
+            far, "distance", [f"seed similarity {d.seed_similarity[r]:.3f} < {thresholds['distance']:.3f}" for r in far]
+        )
 
     kept = d.open_rows()
     d.outcome[kept] = "kept"
     neighbors = seed_neighbors[kept, : cfg.k_neighbors]
-    weights, text = extrapolate_batch(seed.vectors, seed.caption_features, crawl.vectors, neighbors, cfg.ridge, device, target_rows=kept)
+    weights, text = extrapolate_batch(
+        seed.vectors, seed.caption_features, crawl.vectors, neighbors, cfg.ridge, device, target_rows=kept
+    )
     return d, Extrapolation(kept, neighbors, weights, text), thresholds
 
 
@@ -233,7 +293,9 @@ def _caption_features(paths: Paths, seed_ids: list[str]) -> tuple[np.ndarray, li
         rows.setdefault(image_id, []).append(row)
     missing = [i for i in seed_ids if i not in rows]
     if missing:
-        raise InputError(f"{paths.embedding_file('seed_captions', 'train')}: no caption embedding for seed image {missing[0]} (re-run `dextra embed`)")
+        raise InputError(
+            f"{paths.embedding_file('seed_captions', 'train')}: no caption embedding for seed image {missing[0]} (re-run `dextra embed`)"
+        )
     captions = table.column("caption").to_pylist()
     mean = np.stack([vectors[rows[i]].mean(axis=0) for i in seed_ids])
     return mean / np.linalg.norm(mean, axis=1, keepdims=True), [captions[rows[i][0]] for i in seed_ids]
@@ -243,12 +305,28 @@ def load_seed(paths: Paths) -> Seed:
     train_info, train_vectors = read_embeddings([paths.embedding_file("seed_images", "train")])
     test_info, test_vectors = read_embeddings([paths.embedding_file("seed_images", "test")])
     ids = train_info.column("id").to_pylist()
-    classes = dict(zip(*(read_table(paths.seed_split("train"), columns=["id", "class"]).column(c).to_pylist() for c in ("id", "class"))))
+    classes = dict(
+        zip(
+            *(
+                read_table(paths.seed_split("train"), columns=["id", "class"]).column(c).to_pylist()
+                for c in ("id", "class")
+            )
+        )
+    )
     test = read_table(paths.seed_split("test"), columns=["id", "image"])
     test_images = dict(zip(test.column("id").to_pylist(), test.column("image").to_pylist()))
     test_ids = test_info.column("id").to_pylist()
     caption_features, first_captions = _caption_features(paths, ids)
-    return Seed(ids, train_vectors, [classes.get(i) for i in ids], caption_features, first_captions, test_ids, test_vectors, [test_images[i] for i in test_ids])
+    return Seed(
+        ids,
+        train_vectors,
+        [classes.get(i) for i in ids],
+        caption_features,
+        first_captions,
+        test_ids,
+        test_vectors,
+        [test_images[i] for i in test_ids],
+    )
 
 
 def _url_rows(paths: Paths) -> pa.Table:
@@ -261,7 +339,9 @@ def _url_rows(paths: Paths) -> pa.Table:
     joined = status.join(urls, "url_id", join_type="left outer")
     unknown = pc.sum(pc.is_null(joined.column("url"))).as_py() or 0
     if unknown:
-        raise InputError(f"{paths.crawl_status}: {unknown} url_id(s) are in no list under {paths.urls} (re-run `dextra urls` and `dextra fetch`)")
+        raise InputError(
+            f"{paths.crawl_status}: {unknown} url_id(s) are in no list under {paths.urls} (re-run `dextra urls` and `dextra fetch`)"
+        )
     return joined.sort_by("url_id")
 
 
@@ -285,17 +365,23 @@ def load_crawl(paths: Paths, rows: pa.Table) -> Crawl:
     by_id = {i: n for n, i in enumerate(shards.column("id").to_pylist())}
     missing = sorted(fetched - by_id.keys())
     if missing:
-        raise InputError(f"{paths.crawl_status}: {len(missing)} URL(s) marked ok have no image in {paths.crawl_shards}, e.g. {missing[0]}")
+        raise InputError(
+            f"{paths.crawl_status}: {len(missing)} URL(s) marked ok have no image in {paths.crawl_shards}, e.g. {missing[0]}"
+        )
     ids = sorted(fetched)
     unembedded = [i for i in ids if i not in position]
     if unembedded:
-        raise InputError(f"{paths.embeddings / 'crawl_images'}: no embedding for crawled image {unembedded[0]} (re-run `dextra embed`)")
+        raise InputError(
+            f"{paths.embeddings / 'crawl_images'}: no embedding for crawled image {unembedded[0]} (re-run `dextra embed`)"
+        )
     meta = {r["url_id"]: r for r in rows.select(["url_id", "url", "query", "class"]).to_pylist()}
     hashes = info.column("phash").to_pylist() if "phash" in info.column_names else None
     digests = shards.column("sha256").to_pylist()
     return Crawl(
         ids=ids,
-        vectors=vectors[[position[i] for i in ids]] if ids else np.zeros((0, vectors.shape[1] if vectors.size else 1), np.float32),
+        vectors=vectors[[position[i] for i in ids]]
+        if ids
+        else np.zeros((0, vectors.shape[1] if vectors.size else 1), np.float32),
         queries=[meta[i]["query"] for i in ids],
         classes=[meta[i]["class"] for i in ids],
         digests=[digests[by_id[i]] for i in ids],
@@ -311,7 +397,9 @@ def _decision_table(rows: pa.Table, crawl: Crawl, d: Decisions) -> pa.Table:
     position = {image_id: row for row, image_id in enumerate(crawl.ids)}
     at = np.array([position.get(u, -1) for u in url_ids], np.int64)
     fetched = at >= 0
-    refused = np.isin(rows.column("status").to_numpy(zero_copy_only=False), ["refused", "opt-out"])  # not tried, by rule or by the site's wish
+    refused = np.isin(
+        rows.column("status").to_numpy(zero_copy_only=False), ["refused", "opt-out"]
+    )  # not tried, by rule or by the site's wish
     outcome = np.where(refused, "refused", "fetch_error").astype(object)
     detail = np.asarray(rows.column("error").to_pylist(), object)
     outcome[fetched], detail[fetched] = d.outcome[at[fetched]], d.detail[at[fetched]]
@@ -329,7 +417,11 @@ def _decision_table(rows: pa.Table, crawl: Crawl, d: Decisions) -> pa.Table:
 
 
 def run(params: Params, paths: Paths) -> dict:
-    for needed in (paths.crawl_status, paths.embedding_file("seed_images", "train"), paths.embedding_file("seed_images", "test")):
+    for needed in (
+        paths.crawl_status,
+        paths.embedding_file("seed_images", "train"),
+        paths.embedding_file("seed_images", "test"),
+    ):
         if not needed.exists():
             raise InputError(f"{needed}: not found (run the stages before `curate`: dvc repro curate)")
     rows = _url_rows(paths)
@@ -360,6 +452,10 @@ def run(params: Params, paths: Paths) -> dict:
                 table = table.append_column(name, pa.array(scores, pa.float32(), mask=np.isnan(scores)))
             write_table(table, tmp / paths.curated_shards.name / shard.name, CURATED_SCHEMA)
         outcomes = {o["values"]: o["counts"] for o in pc.value_counts(decisions.column("outcome")).to_pylist()}
-        summary = {"outcomes": outcomes, "thresholds": thresholds, "leak_hash_distance": params.curate.leak_hash_distance}
+        summary = {
+            "outcomes": outcomes,
+            "thresholds": thresholds,
+            "leak_hash_distance": params.curate.leak_hash_distance,
+        }
         write_json(tmp / paths.curate_summary.name, summary)
     return summary

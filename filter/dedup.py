@@ -5,11 +5,12 @@ flags look-alikes, so a copy needs two votes: CLIP proposes, a perceptual hash (
 pHash survives resizing, re-compression and colour shifts but not crops or flips, so one side of every
 comparison is a *bank*: the pHashes of a grid of crops of the image and of its mirror image.
 """
+
 from __future__ import annotations
 
 import io
 import itertools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -103,7 +104,9 @@ def near_duplicates(
 
     queries = np.broadcast_to(np.arange(len(ids))[:, None], neighbors.shape)
     close = (neighbors >= 0) & (neighbors != queries) & (similarities >= min_similarity)  # few pairs: copies only
-    pairs = [(i, j) if rank[i] < rank[j] else (j, i) for i, j in zip(queries[close].tolist(), neighbors[close].tolist())]
+    pairs = [
+        (i, j) if rank[i] < rank[j] else (j, i) for i, j in zip(queries[close].tolist(), neighbors[close].tolist())
+    ]
     earlier = sorted({a for a, _ in pairs}) if hashes is not None else []
     images = dict(zip(earlier, read_images(earlier))) if earlier else {}
     banks: dict[int, np.ndarray] = {}

@@ -4,15 +4,16 @@ All work on L2-normalised CLIP image embeddings; "similarity to the seed set" is
 the k nearest seed train images, and thresholds are percentiles of the seed's own spread (each seed image's
 similarity to its k nearest *other* seed images), so they adapt to the dataset and the CLIP model.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from .index import inner_products, search, single_threaded
+from dextra.filter.index import inner_products, search, single_threaded
 
 
 def seed_similarity(seed_index: faiss.Index, vectors: np.ndarray, k: int) -> np.ndarray:
@@ -27,7 +28,14 @@ def seed_spread_threshold(seed_index: faiss.Index, seed: np.ndarray, k: int, per
 
 
 def cluster_detector(
-    vectors: np.ndarray, rows: np.ndarray, queries: Sequence[str | None], seed_index: faiss.Index, k: int, clusters_per_query: int, min_cluster_size: int, seed: int
+    vectors: np.ndarray,
+    rows: np.ndarray,
+    queries: Sequence[str | None],
+    seed_index: faiss.Index,
+    k: int,
+    clusters_per_query: int,
+    min_cluster_size: int,
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Detector 1: per query, k-means (faiss, spherical) on the crawled images `vectors[rows]`; returns each row's
     cluster label ("<query>#<n>") and the similarity of its cluster's centre to the seed set. A whole cluster far
@@ -45,7 +53,9 @@ def cluster_detector(
             centres.append(members.mean(axis=0, keepdims=True))
         else:
             # faiss trains on at most 256 sampled points a centre, then every member is assigned.
-            kmeans = faiss.Kmeans(members.shape[1], n_clusters, niter=10, seed=seed, spherical=True, min_points_per_centroid=1)
+            kmeans = faiss.Kmeans(
+                members.shape[1], n_clusters, niter=10, seed=seed, spherical=True, min_points_per_centroid=1
+            )
             with single_threaded():  # centres and assignments must not depend on the thread count
                 kmeans.train(members)
                 assignment = kmeans.index.search(members, 1)[1][:, 0]

@@ -5,6 +5,7 @@ vectors; image files also carry each image's perceptual hash, computed here beca
 anyway). data/embeddings/index.json records the model fingerprint and each input's sha256, so a re-run embeds
 only new or changed shards, and a new CLIP model (or output format) re-embeds everything.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dextra.filter.clip import CHECKPOINT, ClipBundle, decode_pixels, load_clip, preprocess_pixels
+from dextra.filter.dedup import HASH_BYTES, phashes
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.device import pick_device
 from dextra.pipeline.params import Params
 from dextra.pipeline.paths import EMBEDDING_KINDS, Paths
 from dextra.pipeline.shards import file_sha256, read_table, shard_files, write_embeddings
-
-from .clip import CHECKPOINT, ClipBundle, decode_pixels, load_clip, preprocess_pixels
-from .dedup import HASH_BYTES, phashes
 
 INDEX = "index.json"
 FORMAT = 2  # 2: image files carry a `phash` column
@@ -85,7 +85,9 @@ def _embed_one(bundle: ClipBundle, kind: str, source: Path, target: Path, params
         return len(captions)
     table = read_table(source, columns=["id", "image"])
     vectors, hashes = embed_images(bundle, table.column("image").to_pylist(), params)
-    write_embeddings(target, table.column("id").to_pylist(), vectors, extra={"phash": pa.array(hashes, pa.binary(HASH_BYTES))})
+    write_embeddings(
+        target, table.column("id").to_pylist(), vectors, extra={"phash": pa.array(hashes, pa.binary(HASH_BYTES))}
+    )
     return table.num_rows
 
 
@@ -116,6 +118,8 @@ def run(params: Params, paths: Paths) -> dict:
             continue
         counts[kind] += _embed_one(bundle, kind, source, target, params)
         done[rel] = source_sha
-        write_json(index_path, {"model": model_sha, "format": FORMAT, "inputs": done})  # after each shard: a killed run keeps its work
+        write_json(
+            index_path, {"model": model_sha, "format": FORMAT, "inputs": done}
+        )  # after each shard: a killed run keeps its work
     write_json(index_path, {"model": model_sha, "format": FORMAT, "inputs": done})
     return {"embedded": counts, "shards_skipped": skipped, "dim": bundle.embed_dim}

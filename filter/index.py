@@ -10,12 +10,13 @@ enough to move an image across a threshold. So BLAS only proposes neighbours; th
 pair by pair (faiss's per-pair kernel, one fixed order) and ranked with ties broken by row. Inverted lists are
 trained single-threaded and filled and probed by those exact similarities, and their scan is per pair already.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
@@ -60,7 +61,9 @@ def _batches(vectors: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield start, np.ascontiguousarray(vectors[start : start + SEARCH_BATCH], dtype=np.float32)
 
 
-def build_index(vectors: np.ndarray, exact_max: int = 200_000, memory_budget_bytes: int = 2 << 30, nprobe: int = 4, seed: int = 0) -> faiss.Index:
+def build_index(
+    vectors: np.ndarray, exact_max: int = 200_000, memory_budget_bytes: int = 2 << 30, nprobe: int = 4, seed: int = 0
+) -> faiss.Index:
     """An index over `vectors` (float16 or float32; converted batch by batch, never copied whole)."""
     n, dim = vectors.shape
     index = faiss.index_factory(dim, describe(n, dim, exact_max, memory_budget_bytes), faiss.METRIC_INNER_PRODUCT)
@@ -83,7 +86,9 @@ def build_index(vectors: np.ndarray, exact_max: int = 200_000, memory_budget_byt
 def lists_over(centres: faiss.Index) -> faiss.IndexIVF:
     """Empty inverted lists (half-precision codes), one per vector of `centres`; filled and probed through
     add_to_lists and search_lists with list numbers the caller knows, so the centres are never searched."""
-    ivf = faiss.IndexIVFScalarQuantizer(centres, centres.d, centres.ntotal, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False)
+    ivf = faiss.IndexIVFScalarQuantizer(
+        centres, centres.d, centres.ntotal, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False
+    )
     ivf.referenced_objects = [centres]  # keep the centres alive as long as the lists
     ivf.is_trained = True  # the centres are given and fp16 codes have nothing to learn
     return ivf
@@ -96,7 +101,9 @@ def add_to_lists(ivf: faiss.IndexIVF, vectors: np.ndarray, lists: np.ndarray) ->
     ivf.add_core(len(vectors), faiss.swig_ptr(vectors), None, faiss.swig_ptr(lists))
 
 
-def search_lists(ivf: faiss.IndexIVF, queries: np.ndarray, k: int, probes: np.ndarray, probe_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def search_lists(
+    ivf: faiss.IndexIVF, queries: np.ndarray, k: int, probes: np.ndarray, probe_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours of every query among the lists it probes (rows of `probes`, with the query's
     similarity to each list's centre); -1 where fewer than k were found."""
     ivf.nprobe = probes.shape[1]
@@ -105,7 +112,10 @@ def search_lists(ivf: faiss.IndexIVF, queries: np.ndarray, k: int, probes: np.nd
     ids = np.empty((len(queries), k), np.int64)
     for start, batch in _batches(queries):
         end = start + len(batch)
-        probe, probe_score = np.ascontiguousarray(probes[start:end], np.int64), np.ascontiguousarray(probe_scores[start:end], np.float32)
+        probe, probe_score = (
+            np.ascontiguousarray(probes[start:end], np.int64),
+            np.ascontiguousarray(probe_scores[start:end], np.float32),
+        )
         scores[start:end], ids[start:end] = ivf.search_preassigned(batch, k, probe, probe_score)
     return scores, ids
 
@@ -116,14 +126,23 @@ def inner_products(queries: np.ndarray, base: np.ndarray, pairs: np.ndarray) -> 
     queries, base = np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(base, np.float32)
     pairs = np.ascontiguousarray(pairs, np.int64)
     out = np.empty(pairs.shape, np.float32)
-    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(base), faiss.swig_ptr(pairs), queries.shape[1], *pairs.shape)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(out),
+        faiss.swig_ptr(queries),
+        faiss.swig_ptr(base),
+        faiss.swig_ptr(pairs),
+        queries.shape[1],
+        *pairs.shape,
+    )
     return out
 
 
 def _exact_search(index: faiss.IndexFlat, batch: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """BLAS proposes k + RESCORE_MARGIN candidates; per-pair inner products rank them, ties by row."""
     _, candidates = index.search(batch, min(index.ntotal, k + RESCORE_MARGIN))
-    scores = inner_products(batch, faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d), candidates)
+    scores = inner_products(
+        batch, faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d), candidates
+    )
     order = np.lexsort((candidates, -scores), axis=-1)[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
 
@@ -135,7 +154,9 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     if ivf is not None:
         probe_scores, probes = search(faiss.downcast_index(ivf.quantizer), queries, ivf.nprobe)
         return search_lists(ivf, queries, k, probes, probe_scores)
-    find = functools.partial(_exact_search, index) if isinstance(index, faiss.IndexFlat) else index.search  # else a GPU copy
+    find = (
+        functools.partial(_exact_search, index) if isinstance(index, faiss.IndexFlat) else index.search
+    )  # else a GPU copy
     scores = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     for start, batch in _batches(queries):

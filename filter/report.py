@@ -1,5 +1,6 @@
 """The `report` stage: data/report/index.html, one self-contained page (images inline) showing what curate
 kept and dropped and why, so a person can check the thresholds before spending GPU days on the result."""
+
 from __future__ import annotations
 
 import base64
@@ -13,14 +14,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
-from dvclive import Live  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dextra.pipeline.atomic import write_bytes  # noqa: E402
 from dextra.pipeline.errors import InputError  # noqa: E402
 from dextra.pipeline.params import Params  # noqa: E402
 from dextra.pipeline.paths import Paths  # noqa: E402
-from dextra.pipeline.shards import CURATED_SCHEMA, DECISION_OUTCOMES, DECISION_SCHEMA, read_table, read_tables, shard_files  # noqa: E402
+from dextra.pipeline.shards import (  # noqa: E402
+    CURATED_SCHEMA,
+    DECISION_OUTCOMES,
+    DECISION_SCHEMA,
+    read_table,
+    read_tables,
+    shard_files,
+)
+from dvclive import Live  # noqa: E402
 
 THUMB = 96
 STYLE = """
@@ -44,6 +52,7 @@ OUTCOME_MEANING = {
     "class": "the seed classifier names another class than the query's, or is unsure (detector 2)",
     "distance": "less similar to its nearest seed images than the seed's own spread allows",
 }
+
 
 def data_uri(image_bytes: bytes, size: int = THUMB) -> str:
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
@@ -74,7 +83,11 @@ def _png_uri(png: bytes) -> str:
 
 def _card(image_bytes: bytes | None, lines: list[str]) -> str:
     text = "<br>".join(html.escape(line) for line in lines)
-    image = f'<img src="{data_uri(image_bytes)}" title="{html.escape(" | ".join(lines))}">' if image_bytes else "<div>(no image)</div>"
+    image = (
+        f'<img src="{data_uri(image_bytes)}" title="{html.escape(" | ".join(lines))}">'
+        if image_bytes
+        else "<div>(no image)</div>"
+    )
     return f'<div class="card">{image}<div>{text}</div></div>'
 
 
@@ -82,7 +95,11 @@ def _score_lines(row: dict) -> list[str]:
     lines = [f"query: {row['query']}"]
     if row["detail"]:
         lines.append(row["detail"])
-    for key, label in (("seed_similarity", "seed sim"), ("cluster_similarity", "cluster sim"), ("class_confidence", "class conf")):
+    for key, label in (
+        ("seed_similarity", "seed sim"),
+        ("cluster_similarity", "cluster sim"),
+        ("class_confidence", "class conf"),
+    ):
         if row[key] is not None:
             lines.append(f"{label} {row[key]:.3f}")
     if row["predicted_class"] is not None:
@@ -114,8 +131,10 @@ def render(params: Params, paths: Paths) -> tuple[str, dict[str, bytes]]:
     ]
     for outcome in DECISION_OUTCOMES:
         count = counts.get(outcome, 0)
-        parts.append(f"<tr data-outcome='{outcome}'><td>{outcome}</td><td class='count'>{count}</td><td>{count / max(1, len(rows)):.1%}</td>"
-                     f"<td class='why'>{OUTCOME_MEANING[outcome]}</td></tr>")
+        parts.append(
+            f"<tr data-outcome='{outcome}'><td>{outcome}</td><td class='count'>{count}</td><td>{count / max(1, len(rows)):.1%}</td>"
+            f"<td class='why'>{OUTCOME_MEANING[outcome]}</td></tr>"
+        )
     parts.append("</table>")
 
     parts.append("<h2 id='scores'>Scores</h2><div class='plots'>")
@@ -123,9 +142,17 @@ def render(params: Params, paths: Paths) -> tuple[str, dict[str, bytes]]:
     thresholds = summary["thresholds"]
     for key, threshold, title in (
         ("seed_similarity", thresholds.get("distance"), "mean similarity to the nearest seed train images"),
-        ("cluster_similarity", thresholds.get("cluster"), "similarity of the image's cluster centre to the seed (cluster detector)"),
+        (
+            "cluster_similarity",
+            thresholds.get("cluster"),
+            "similarity of the image's cluster centre to the seed (cluster detector)",
+        ),
         ("class_confidence", params.curate.min_class_confidence, "classifier confidence (class detector)"),
-        ("leak_hash_distance", summary["leak_hash_distance"], "pHash bits to the closest crop of a seed test image (leak below)"),
+        (
+            "leak_hash_distance",
+            summary["leak_hash_distance"],
+            "pHash bits to the closest crop of a seed test image (leak below)",
+        ),
     ):
         values = [r[key] for r in rows if r[key] is not None]
         if values:
@@ -137,24 +164,40 @@ def render(params: Params, paths: Paths) -> tuple[str, dict[str, bytes]]:
     for outcome in (o for o in DECISION_OUTCOMES if o in counts):
         group = [r for r in rows if r["outcome"] == outcome]
         sample = rng.sample(group, min(n, len(group)))
-        parts.append(f"<h3>{html.escape(outcome)} ({len(group)}; {len(sample)} shown)</h3><div class='gallery' data-outcome='{outcome}'>")
+        parts.append(
+            f"<h3>{html.escape(outcome)} ({len(group)}; {len(sample)} shown)</h3><div class='gallery' data-outcome='{outcome}'>"
+        )
         parts.extend(_card(images.get(r["url_id"]), _score_lines(r)) for r in sample)
         parts.append("</div>")
 
     leaks = [r for r in rows if r["outcome"] == "leak"]
-    parts.append(f"<h2 id='leaks'>Leaks of seed test images ({len(leaks)}; {min(n, len(leaks))} shown)</h2><div class='gallery'>")
+    parts.append(
+        f"<h2 id='leaks'>Leaks of seed test images ({len(leaks)}; {min(n, len(leaks))} shown)</h2><div class='gallery'>"
+    )
     for r in leaks[:n]:
         crawled = _card(images.get(r["url_id"]), ["crawled", r["url_id"], f"pHash bits {r['leak_hash_distance']}"])
-        parts.append(f"<div class='pair' data-leak-of='{html.escape(r['leak_of'])}'>{crawled}{_card(test_images.get(r['leak_of']), ['seed test', r['leak_of']])}</div>")
+        parts.append(
+            f"<div class='pair' data-leak-of='{html.escape(r['leak_of'])}'>{crawled}{_card(test_images.get(r['leak_of']), ['seed test', r['leak_of']])}</div>"
+        )
     parts.append("</div>")
 
-    curated = read_tables(shard_files(paths.curated_shards), CURATED_SCHEMA, columns=["id", "image", "query", "neighbor_captions", "neighbor_weights"]).to_pylist()
-    parts.append("<h2 id='extrapolated'>Extrapolated text of sample kept images</h2>"
-                 "<p>Each kept image trains with a weighted mix of its nearest seed images' caption embeddings.</p>"
-                 "<table class='kept'><tr><th>image</th><th>query</th><th>nearest seed captions (weight)</th></tr>")
+    curated = read_tables(
+        shard_files(paths.curated_shards),
+        CURATED_SCHEMA,
+        columns=["id", "image", "query", "neighbor_captions", "neighbor_weights"],
+    ).to_pylist()
+    parts.append(
+        "<h2 id='extrapolated'>Extrapolated text of sample kept images</h2>"
+        "<p>Each kept image trains with a weighted mix of its nearest seed images' caption embeddings.</p>"
+        "<table class='kept'><tr><th>image</th><th>query</th><th>nearest seed captions (weight)</th></tr>"
+    )
     for r in rng.sample(curated, min(n, len(curated))):
-        neighbours = "<br>".join(f"{html.escape(c)} ({w:+.2f})" for c, w in zip(r["neighbor_captions"], r["neighbor_weights"]))
-        parts.append(f"<tr><td><img src='{data_uri(r['image'], 64)}'></td><td>{html.escape(r['query'] or '')}</td><td>{neighbours}</td></tr>")
+        neighbours = "<br>".join(
+            f"{html.escape(c)} ({w:+.2f})" for c, w in zip(r["neighbor_captions"], r["neighbor_weights"])
+        )
+        parts.append(
+            f"<tr><td><img src='{data_uri(r['image'], 64)}'></td><td>{html.escape(r['query'] or '')}</td><td>{neighbours}</td></tr>"
+        )
     parts.append("</table>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>dextra curation report</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
     return page, histograms

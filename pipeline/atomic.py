@@ -1,4 +1,5 @@
 """Atomic writes: a reader (or a killed run) never sees half a file."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,8 +7,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
 """`dextra <stage>`: the thin command line DVC calls. Each stage's core is `run(params, paths)` in its module."""
+
 from __future__ import annotations
 
 import argparse
@@ -85,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     args = build_parser().parse_args(argv)
-    from .errors import DextraError
-    from .params import load_params
-    from .paths import Paths
+    from dextra.pipeline.errors import DextraError
+    from dextra.pipeline.params import load_params
+    from dextra.pipeline.paths import Paths
 
     try:
         params = load_params(args.params)
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except DextraError as exc:
         print(f"dextra {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"dextra {args.stage}: done in {time.perf_counter() - started:.1f}s " + json.dumps(summary or {}, default=str))
+    print(
+        f"dextra {args.stage}: done in {time.perf_counter() - started:.1f}s " + json.dumps(summary or {}, default=str)
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ Every random draw comes from a numpy Generator seeded by (params.seed, purpose, 
 byte-identical files on one machine. Across machines the JPEG encoder and the fonts found may differ.
 The web's ground truth (truth.parquet) is for tests and bench/ only: no stage reads it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from .params import Params
+from dextra.pipeline.params import Params
 
 COLORS = {
     "red": (215, 40, 40),
@@ -66,7 +67,9 @@ TRUTH_SCHEMA = pa.schema(
         pa.field("fg_color", pa.string()),
         pa.field("bg_color", pa.string()),
         pa.field("bg_texture", pa.string()),
-        pa.field("style", pa.string(), nullable=False),  # how it was drawn: font:<name>, digits:<index>, ood:<variant>, ...
+        pa.field(
+            "style", pa.string(), nullable=False
+        ),  # how it was drawn: font:<name>, digits:<index>, ood:<variant>, ...
         pa.field("transform", pa.string()),  # leak and duplicate_near: the edits applied, in order
         pa.field("leak_of", pa.string()),  # seed test id
         pa.field("duplicate_of", pa.string()),  # url of the original
@@ -75,7 +78,13 @@ TRUTH_SCHEMA = pa.schema(
     ]
 )
 
-_ADJECTIVE = {"plain": "plain", "striped": "striped", "dotted": "dotted", "checkered": "checkered", "gradient": "fading"}
+_ADJECTIVE = {
+    "plain": "plain",
+    "striped": "striped",
+    "dotted": "dotted",
+    "checkered": "checkered",
+    "gradient": "fading",
+}
 _NOUN = {
     "plain": "plain {bg}",
     "striped": "{bg} stripes",
@@ -147,8 +156,14 @@ def seed_images(params: Params) -> list[SeedImage]:
         mask = _digit_mask(images[index], size)
         pixels = _compose(mask, fg, _texture(texture, bg, size, size, rng))
         digit = str(target[index])
-        words = {"fg": fg, "bg": bg, "digit": digit, "word": DIGIT_WORDS[int(digit)], "adjective": _ADJECTIVE[texture],
-                 "article": "an" if fg[0] in "aeiou" else "a"}
+        words = {
+            "fg": fg,
+            "bg": bg,
+            "digit": digit,
+            "word": DIGIT_WORDS[int(digit)],
+            "adjective": _ADJECTIVE[texture],
+            "article": "an" if fg[0] in "aeiou" else "a",
+        }
         words["noun"] = _NOUN[texture].format(bg=bg)
         chosen = sorted(rng.choice(len(_CAPTIONS), size=int(rng.integers(2, 4)), replace=False))
         captions = [_CAPTIONS[c].format(**words) for c in chosen]
@@ -220,9 +235,7 @@ def _encode(pixels: np.ndarray, fmt: str, quality: int = 90) -> bytes:
 @functools.cache
 def _fonts() -> tuple[str, ...]:
     """DejaVu faces when the system has them (varied glyphs); Pillow's bundled font otherwise."""
-    faces = sorted(
-        p.name for p in _FONT_DIR.glob("DejaVu*.ttf") if "ExtraLight" not in p.name and "Math" not in p.name
-    )
+    faces = sorted(p.name for p in _FONT_DIR.glob("DejaVu*.ttf") if "ExtraLight" not in p.name and "Math" not in p.name)
     return tuple(faces) or ("default",)
 
 
@@ -410,8 +423,20 @@ class _Web:
         steps += ["jpeg"] if ext == "jpg" else []
         truth = {"true_digit": source.digit, "fg_color": source.fg, "bg_color": source.bg, "bg_texture": source.texture}
         data = _encode(pixels, ext, int(rng.integers(55, 91)))
-        self.add(index, "leak", rng, source.digit, data, ext, width=side, height=side, style="seed",
-                 transform="+".join(steps), leak_of=source.id, **truth)
+        self.add(
+            index,
+            "leak",
+            rng,
+            source.digit,
+            data,
+            ext,
+            width=side,
+            height=side,
+            style="seed",
+            transform="+".join(steps),
+            leak_of=source.id,
+            **truth,
+        )
 
     def broken(self, index: int, kind: str, ordinal: int) -> None:
         rng = self.rng(6, index)
@@ -440,8 +465,18 @@ class _Web:
         inherited = {k: original[k] for k in ("true_digit", "fg_color", "bg_color", "bg_texture", "style")}
         ext = original["path"].rsplit(".", 1)[1]
         if kind == "duplicate_exact":
-            self.add(index, kind, rng, original["query_digit"], source, ext, width=original["width"],
-                     height=original["height"], duplicate_of=original["url"], **inherited)
+            self.add(
+                index,
+                kind,
+                rng,
+                original["query_digit"],
+                source,
+                ext,
+                width=original["width"],
+                height=original["height"],
+                duplicate_of=original["url"],
+                **inherited,
+            )
             return
         image, steps = Image.open(io.BytesIO(source)).convert("RGB"), []
         chosen = set(rng.choice(["resize", "crop"], size=int(rng.integers(1, 3)), replace=False))
@@ -455,12 +490,24 @@ class _Web:
             image, steps = image.resize(size, Image.BICUBIC), steps + ["resize"]
         ext, quality = _web_format(rng)
         steps.append("jpeg" if ext == "jpg" else "png")
-        self.add(index, kind, rng, original["query_digit"], _encode(np.asarray(image), ext, quality), ext,
-                 width=image.width, height=image.height, transform="+".join(steps),
-                 duplicate_of=original["url"], **inherited)
+        self.add(
+            index,
+            kind,
+            rng,
+            original["query_digit"],
+            _encode(np.asarray(image), ext, quality),
+            ext,
+            width=image.width,
+            height=image.height,
+            transform="+".join(steps),
+            duplicate_of=original["url"],
+            **inherited,
+        )
 
 
-def write_web(params: Params, seed: list[SeedImage], test_ids: set[str], folder: Path, url_folder: Path) -> dict[str, int]:
+def write_web(
+    params: Params, seed: list[SeedImage], test_ids: set[str], folder: Path, url_folder: Path
+) -> dict[str, int]:
     """Write the synthetic web into `folder` (images/, urls.csv, truth.parquet), its URLs pointing into
     `url_folder`, where the folder will finally live. Returns the count of each kind."""
     counts = kind_counts(params.demo.n_web)

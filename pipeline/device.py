@@ -1,9 +1,10 @@
 """Device choice: CUDA when present (or asked for), else CPU."""
+
 from __future__ import annotations
 
 import torch
 
-from .errors import ParamsError
+from dextra.pipeline.errors import ParamsError
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -1,14 +1,15 @@
 """Manifests: where a dataset's seed set comes from and which URL lists extend it (manifests/<dataset>.yaml)."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ParamsError
-from .paths import Paths
+from dextra.pipeline.errors import ParamsError
+from dextra.pipeline.paths import Paths
 
 
 class _Strict(BaseModel):
@@ -19,8 +20,8 @@ class Subset(_Strict):
     """A fixed random part of a large seed set (e.g. a COCO subset). Drawn with its own seed, so it stays the same
     when params.seed changes, and a larger size keeps every image of a smaller one."""
 
-    train: Optional[int] = Field(None, ge=1, description="at most this many train images (null: all)")
-    test: Optional[int] = Field(None, ge=1, description="at most this many test images (null: all)")
+    train: int | None = Field(None, ge=1, description="at most this many train images (null: all)")
+    test: int | None = Field(None, ge=1, description="at most this many test images (null: all)")
     seed: int = Field(0, ge=0)
 
 
@@ -30,7 +31,7 @@ class DemoSeed(_Strict):
 
 class _DatasetSeed(_Strict):
     path: str = Field(description="the dataset's folder: absolute, ~/..., or relative to the repository root")
-    subset: Optional[Subset] = None
+    subset: Subset | None = None
 
     def folder(self, root: Path) -> Path:
         return root / Path(self.path).expanduser()
@@ -69,28 +70,28 @@ class CocoSeed(_DatasetSeed):
 
 
 SeedSource = Annotated[
-    Union[DemoSeed, FolderSeed, CubSeed, OxfordSeed, CocoSeed],
+    DemoSeed | FolderSeed | CubSeed | OxfordSeed | CocoSeed,
     Field(discriminator="importer", description="how the seed set is read"),
 ]
 
 
 class ColumnMap(_Strict):
     url: str = "url"
-    text: Optional[str] = "text"
-    query: Optional[str] = "query"
-    class_: Optional[str] = Field("class", alias="class")
+    text: str | None = "text"
+    query: str | None = "query"
+    class_: str | None = Field("class", alias="class")
 
 
 class UrlSource(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names data/urls/<name>.parquet")
-    path: Optional[str] = Field(None, description="a local URL list, relative to the repository root")
-    url: Optional[str] = Field(None, description="where to download the URL list from (needs sha256)")
-    sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
+    path: str | None = Field(None, description="a local URL list, relative to the repository root")
+    url: str | None = Field(None, description="where to download the URL list from (needs sha256)")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     format: Literal["csv", "tsv", "parquet", "jsonl"] = "csv"
     columns: ColumnMap = ColumnMap()
 
     @model_validator(mode="after")
-    def _one_location(self) -> "UrlSource":
+    def _one_location(self) -> UrlSource:
         if (self.path is None) == (self.url is None):
             raise ValueError("give exactly one of path or url")
         if self.url is not None and self.sha256 is None:
@@ -105,7 +106,7 @@ class Manifest(_Strict):
     allowed_schemes: list[Literal["http", "https", "file"]] = ["http", "https"]
 
     @model_validator(mode="after")
-    def _unique_sources(self) -> "Manifest":
+    def _unique_sources(self) -> Manifest:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique (each names data/urls/<name>.parquet): {names}")
@@ -122,7 +123,5 @@ def load_manifest(dataset: str, paths: Paths) -> Manifest:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())
         raise ParamsError(f"{path}: {problems}") from None

@@ -1,15 +1,16 @@
 """The one params schema. Every stage validates the whole of params.yaml before it touches a file,
 so a typo in any section stops the run with a message naming the field, not a traceback mid-stage."""
+
 from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ParamsError
+from dextra.pipeline.errors import ParamsError
 
 
 class _Section(BaseModel):
@@ -50,7 +51,8 @@ class FetchParams(_Section):
 
     image_size: int = Field(64, ge=8, le=4096, description="stored crawl images are resized to this side")
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = Field(
-        "keep_ratio", description="img2dataset's modes: keep_ratio sets the shorter side, keep_ratio_largest the longer one"
+        "keep_ratio",
+        description="img2dataset's modes: keep_ratio sets the shorter side, keep_ratio_largest the longer one",
     )
     resize_only_if_bigger: bool = Field(False, description="never upscale: smaller images are stored at their size")
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
@@ -58,16 +60,29 @@ class FetchParams(_Section):
     distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
     processes: int = Field(2, ge=1, le=512)
     threads: int = Field(16, ge=1, le=1024)
-    timeout_s: float = Field(10.0, gt=0, description="each connect and each read; max_seconds bounds the whole transfer")
+    timeout_s: float = Field(
+        10.0, gt=0, description="each connect and each read; max_seconds bounds the whole transfer"
+    )
     max_seconds: float = Field(30.0, gt=0, description="total time per image, redirects and body included")
     max_bytes: int = Field(10_000_000, ge=1024, description="bodies longer than this are cut off and refused")
-    max_pixels: int = Field(40_000_000, ge=1, description="images with more pixels (read from the header) are never decoded")
-    transient_retries: int = Field(2, ge=0, le=100, description="later runs that retry a URL whose failure was transient (timeout, 5xx, 429, reset)")
-    allow_addresses: list[str] = Field([], description="non-public addresses that may be fetched from: IP or network, optional :port")
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="images with more pixels (read from the header) are never decoded"
+    )
+    transient_retries: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="later runs that retry a URL whose failure was transient (timeout, 5xx, 429, reset)",
+    )
+    allow_addresses: list[str] = Field(
+        [], description="non-public addresses that may be fetched from: IP or network, optional :port"
+    )
     opt_out: list[str] = Field(
         ["noai", "noimageai", "noindex", "noimageindex"], description="X-Robots-Tag directives that opt an image out"
     )
-    shard_size: int = Field(10_000, ge=1, description="URLs per img2dataset shard; a finished shard is never fetched again")
+    shard_size: int = Field(
+        10_000, ge=1, description="URLs per img2dataset shard; a finished shard is never fetched again"
+    )
 
     @field_validator("allow_addresses")
     @classmethod
@@ -77,7 +92,7 @@ class FetchParams(_Section):
         return value
 
     @model_validator(mode="after")
-    def _png_level(self) -> "FetchParams":
+    def _png_level(self) -> FetchParams:
         if self.encode_format == "png" and self.encode_quality > 9:
             raise ValueError("encode_quality is the PNG compression level (1-9) when encode_format is png")
         return self
@@ -85,15 +100,27 @@ class FetchParams(_Section):
 
 class ClipParams(_Section):
     model: str = Field(description="open_clip model name (e.g. ViT-B-32) or a bundled config name")
-    pretrained: Optional[str] = Field(None, description="open_clip pretrained tag or a local checkpoint path")
-    train_epochs: int = Field(0, ge=0, le=10_000, description="contrastive epochs on seed train pairs; 0 keeps the loaded weights")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint path")
+    train_epochs: int = Field(
+        0, ge=0, le=10_000, description="contrastive epochs on seed train pairs; 0 keeps the loaded weights"
+    )
     batch_size: int = Field(128, ge=2, le=65_536)
     lr: float = Field(5e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.1, ge=0, le=10.0)
-    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="share of seed train held out to pick the best epoch (early stopping)")
+    holdout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of seed train held out to pick the best epoch (early stopping)"
+    )
     patience: int = Field(5, ge=1, description="epochs without a better held-out loss before training stops")
-    augment: bool = Field(False, description="train on images zoomed out onto their border colour, squeezed, rotated, sheared, shifted, stroke-thickened/thinned, blurred and lightly noised: changes no caption states (no colour change, no flip)")
-    class_loss_weight: float = Field(0.0, ge=0, le=100, description="weight of a cross-entropy on the seed classes (linear head on the image embedding) added to the contrastive loss; 0, or a seed without classes: plain CLIP")
+    augment: bool = Field(
+        False,
+        description="train on images zoomed out onto their border colour, squeezed, rotated, sheared, shifted, stroke-thickened/thinned, blurred and lightly noised: changes no caption states (no colour change, no flip)",
+    )
+    class_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="weight of a cross-entropy on the seed classes (linear head on the image embedding) added to the contrastive loss; 0, or a seed without classes: plain CLIP",
+    )
 
 
 class EmbedParams(_Section):
@@ -108,22 +135,42 @@ class CurateParams(_Section):
     # similarity to the seed set, and the thresholds calibrated on the seed's own spread
     seed_k: int = Field(5, ge=1, le=256, description="nearest seed images averaged into a similarity-to-seed score")
     # duplicates and leaks: CLIP proposes, a perceptual hash confirms
-    near_duplicate_similarity: float = Field(0.9, ge=-1, le=1, description="CLIP similarity above which two crawled images are compared as possible copies")
-    near_duplicate_hash_distance: int = Field(8, ge=0, le=64, description="pHash bits within which a possible copy is a copy")
-    leak_hash_distance: int = Field(8, ge=0, le=64, description="pHash bits within which a crawled image copies a seed test image")
-    leak_similarity: float = Field(0.5, ge=-1, le=1, description="CLIP similarity to that test image needed to confirm a leak")
+    near_duplicate_similarity: float = Field(
+        0.9, ge=-1, le=1, description="CLIP similarity above which two crawled images are compared as possible copies"
+    )
+    near_duplicate_hash_distance: int = Field(
+        8, ge=0, le=64, description="pHash bits within which a possible copy is a copy"
+    )
+    leak_hash_distance: int = Field(
+        8, ge=0, le=64, description="pHash bits within which a crawled image copies a seed test image"
+    )
+    leak_similarity: float = Field(
+        0.5, ge=-1, le=1, description="CLIP similarity to that test image needed to confirm a leak"
+    )
     # detector 1: clusters per query
     cluster_detector: bool = True
     clusters_per_query: int = Field(8, ge=1, le=4096)
     min_cluster_size: int = Field(5, ge=1)
-    cluster_percentile: float = Field(1.0, ge=0, le=100, description="clusters whose centre is less similar to the seed than this percentile of the seed's own spread are dropped")
+    cluster_percentile: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="clusters whose centre is less similar to the seed than this percentile of the seed's own spread are dropped",
+    )
     # detector 2: a classifier trained on the seed classes
     class_detector: bool = True
     min_class_confidence: float = Field(0.5, ge=0, le=1)
     classifier_c: float = Field(10.0, gt=0, description="inverse regularisation strength of the logistic regression")
     # distance to the seed set, per image
-    distance_detector: Literal["auto", "on", "off"] = Field("auto", description="auto: on only when the seed set has no classes")
-    distance_percentile: float = Field(5.0, ge=0, le=100, description="images less similar to the seed than this percentile of the seed's own spread are dropped")
+    distance_detector: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: on only when the seed set has no classes"
+    )
+    distance_percentile: float = Field(
+        5.0,
+        ge=0,
+        le=100,
+        description="images less similar to the seed than this percentile of the seed's own spread are dropped",
+    )
     # faiss
     exact_index_max: int = Field(20_000, ge=1, description="vectors up to which indexes are exact (flat); above, IVF")
     nprobe: int = Field(4, ge=1, le=65_536, description="inverted lists searched per query in IVF indexes")
@@ -157,27 +204,43 @@ class TrainParams(_Section):
     backbone: Literal["unet", "dit"] = "unet"
     unet: UNetParams = UNetParams()
     dit: DiTParams = DiTParams()
-    vae: Optional[str] = Field(None, description="diffusers AutoencoderKL (local folder or hub name) to train in its latent space; null trains on pixels")
+    vae: str | None = Field(
+        None,
+        description="diffusers AutoencoderKL (local folder or hub name) to train in its latent space; null trains on pixels",
+    )
     conditioning: Literal["pooled", "tokens", "image"] = Field(
-        "pooled", description="pooled CLIP text embedding (the paper's), per-token CLIP text states, or the CLIP image embedding"
+        "pooled",
+        description="pooled CLIP text embedding (the paper's), per-token CLIP text states, or the CLIP image embedding",
     )
     condition_tokens: int = Field(4, ge=1, le=77, description="tokens a pooled or image embedding is projected to")
-    cross_attention_dim: int = Field(64, ge=8, le=4096, description="width of the condition tokens the backbone attends to")
-    train_text_encoder: bool = Field(False, description="fine-tune the CLIP text transformer (tokens conditioning only); frozen by default")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    cross_attention_dim: int = Field(
+        64, ge=8, le=4096, description="width of the condition tokens the backbone attends to"
+    )
+    train_text_encoder: bool = Field(
+        False, description="fine-tune the CLIP text transformer (tokens conditioning only); frozen by default"
+    )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
     compile: bool = Field(False, description="torch.compile the denoiser")
     deterministic: bool = Field(False, description="deterministic kernels (torch.use_deterministic_algorithms)")
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints in checkpoints/<phase>/")
     checkpoints_kept: int = Field(2, ge=1, le=1000)
     grid_samples: int = Field(8, ge=0, le=64, description="samples in the grid logged at each checkpoint; 0 = none")
     monitor_samples: int = Field(
-        100, ge=0, le=100_000, description="samples for seed test captions scored with CLIP-FD at each checkpoint (dvclive plot clip_fd); 0 = none, 1 is too few"
+        100,
+        ge=0,
+        le=100_000,
+        description="samples for seed test captions scored with CLIP-FD at each checkpoint (dvclive plot clip_fd); 0 = none, 1 is too few",
     )
-    random_flip: bool = Field(True, description="mirror training images left-right; off when mirroring changes what the caption says")
+    random_flip: bool = Field(
+        True, description="mirror training images left-right; off when mirroring changes what the caption says"
+    )
     condition_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training on the NULL condition")
     num_train_timesteps: int = Field(1000, ge=10, le=10_000)
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
-        "v_prediction", description="what the UNet predicts; v learns the condition's colours and layout in far fewer steps"
+        "v_prediction",
+        description="what the UNet predicts; v learns the condition's colours and layout in far fewer steps",
     )
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
@@ -191,9 +254,11 @@ class TrainParams(_Section):
         return value
 
     @model_validator(mode="after")
-    def _text_encoder(self) -> "TrainParams":
+    def _text_encoder(self) -> TrainParams:
         if self.train_text_encoder and self.conditioning != "tokens":
-            raise ValueError("train_text_encoder needs conditioning: tokens (pooled and image conditions are precomputed embeddings)")
+            raise ValueError(
+                "train_text_encoder needs conditioning: tokens (pooled and image conditions are precomputed embeddings)"
+            )
         return self
 
 
@@ -204,7 +269,10 @@ class PhaseParams(_Section):
 
 
 class PretrainParams(PhaseParams):
-    warm_start: bool = Field(False, description="start from the EMA weights of the last pretrain (checkpoints/pretrain) instead of from scratch")
+    warm_start: bool = Field(
+        False,
+        description="start from the EMA weights of the last pretrain (checkpoints/pretrain) instead of from scratch",
+    )
 
 
 class EvaluateParams(_Section):
@@ -213,8 +281,12 @@ class EvaluateParams(_Section):
     sampling_steps: int = Field(25, ge=1, le=1000)
     sampler: Literal["ddim", "dpm_solver"] = "ddim"
     batch_size: int = Field(100, ge=1, le=65_536)
-    baseline: bool = Field(False, description="also train a seed-only model (the `baseline` stage) and score it beside pretrain→finetune")
-    inception_weights: Optional[str] = Field(None, description="local torch-fidelity Inception-v3 weights file; adds the standard FID to metrics/eval.json")
+    baseline: bool = Field(
+        False, description="also train a seed-only model (the `baseline` stage) and score it beside pretrain→finetune"
+    )
+    inception_weights: str | None = Field(
+        None, description="local torch-fidelity Inception-v3 weights file; adds the standard FID to metrics/eval.json"
+    )
 
 
 class Params(_Section):

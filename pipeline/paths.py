@@ -1,4 +1,5 @@
 """Where every stage reads and writes, relative to the repository root (DESIGN.md "Stages")."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,24 +5,25 @@ without a split get one, the manifest's subset is drawn, and only then are the k
 All of data/seed (both splits, and for the demo its synthetic web) is built in a temporary folder and swapped
 in at the end, so a failed import leaves the previous set, or nothing, never part of one.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 from tqdm import tqdm
 
-from . import demo
-from .atomic import atomic_path
-from .errors import InputError
-from .importers import coco, cub, folder, oxford
-from .importers.records import Record, load_row, shard_row
-from .importers.splits import split_unassigned, stratified_split, take_subset
-from .manifest import Manifest, load_manifest
-from .params import Params
-from .paths import Paths
-from .shards import IMAGE_SCHEMA, write_table
+from dextra.pipeline import demo
+from dextra.pipeline.atomic import atomic_path
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.importers import coco, cub, folder, oxford
+from dextra.pipeline.importers.records import Record, load_row, shard_row
+from dextra.pipeline.importers.splits import split_unassigned, stratified_split, take_subset
+from dextra.pipeline.manifest import Manifest, load_manifest
+from dextra.pipeline.params import Params
+from dextra.pipeline.paths import Paths
+from dextra.pipeline.shards import IMAGE_SCHEMA, write_table
 
 # Images whose dataset names no split (a folder CSV without `split`): this share goes to test, stratified by class,
 # seeded by params.seed.

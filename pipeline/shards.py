@@ -3,18 +3,19 @@
 Image shards (seed, crawl, curated) are Parquet, one row per image, with the columns of IMAGE_SCHEMA;
 stages may add columns (crawl adds `query`, curate adds the extrapolation and scores) but never drop one.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
-from .errors import InputError
+from dextra.pipeline.atomic import atomic_path
+from dextra.pipeline.errors import InputError
 
 IMAGE_SCHEMA = pa.schema(
     [
@@ -135,17 +136,25 @@ def write_table(table: pa.Table, path: str | Path, schema: pa.Schema = IMAGE_SCH
     return path
 
 
-def read_table(path: str | Path, schema: pa.Schema = IMAGE_SCHEMA, columns: Sequence[str] | None = None,
-               ids: Iterable[str] | None = None) -> pa.Table:
+def read_table(
+    path: str | Path,
+    schema: pa.Schema = IMAGE_SCHEMA,
+    columns: Sequence[str] | None = None,
+    ids: Iterable[str] | None = None,
+) -> pa.Table:
     """`ids`: only the rows with these ids (pyarrow filters them while reading the file)."""
     path = Path(path)
     if not path.exists():
         raise ShardError(f"{path}: file not found")
     try:
-        table = pq.read_table(path, columns=list(columns) if columns else None, filters=None if ids is None else [("id", "in", list(ids))])
+        table = pq.read_table(
+            path, columns=list(columns) if columns else None, filters=None if ids is None else [("id", "in", list(ids))]
+        )
     except (pa.ArrowInvalid, OSError) as exc:
         raise ShardError(f"{path}: not a readable Parquet file ({exc})") from None
-    return conform(table, pa.schema([f for f in schema if f.name in table.column_names]) if columns else schema, str(path))
+    return conform(
+        table, pa.schema([f for f in schema if f.name in table.column_names]) if columns else schema, str(path)
+    )
 
 
 def shard_files(folder: str | Path) -> list[Path]:
@@ -154,7 +163,9 @@ def shard_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
 
 
-def read_tables(paths: Iterable[str | Path], schema: pa.Schema = IMAGE_SCHEMA, columns: Sequence[str] | None = None) -> pa.Table:
+def read_tables(
+    paths: Iterable[str | Path], schema: pa.Schema = IMAGE_SCHEMA, columns: Sequence[str] | None = None
+) -> pa.Table:
     tables = [read_table(p, schema, columns) for p in paths]
     if not tables:
         fields = [f for f in schema if columns is None or f.name in columns]

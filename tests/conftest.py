@@ -1,4 +1,5 @@
 """Shared fixtures: params built from the repository's params.yaml with small overrides, and tiny images."""
+
 from __future__ import annotations
 
 import copy

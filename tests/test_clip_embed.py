@@ -1,4 +1,5 @@
 """The clip stage trains and saves an open_clip model that embed (and every later stage) loads back."""
+
 import io
 import json
 
@@ -21,13 +22,23 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), 
 def seed_shard(path, png, n, split, prefix="s"):
     names = list(COLOURS)
     images = [png(COLOURS[names[i % 4]], 32) for i in range(n)]
-    write_table(pa.table({
-        "id": [f"{prefix}{i}" for i in range(n)], "image": images,
-        "width": pa.array([32] * n, pa.int32()), "height": pa.array([32] * n, pa.int32()),
-        "captions": [[f"a {names[i % 4]} square", f"{names[i % 4]} colour"] for i in range(n)],
-        "split": [split] * n, "class": [names[i % 4] for i in range(n)], "source": ["test"] * n,
-        "url": pa.array([None] * n, pa.string()), "sha256": [sha256_hex(b) for b in images],
-    }), path)
+    write_table(
+        pa.table(
+            {
+                "id": [f"{prefix}{i}" for i in range(n)],
+                "image": images,
+                "width": pa.array([32] * n, pa.int32()),
+                "height": pa.array([32] * n, pa.int32()),
+                "captions": [[f"a {names[i % 4]} square", f"{names[i % 4]} colour"] for i in range(n)],
+                "split": [split] * n,
+                "class": [names[i % 4] for i in range(n)],
+                "source": ["test"] * n,
+                "url": pa.array([None] * n, pa.string()),
+                "sha256": [sha256_hex(b) for b in images],
+            }
+        ),
+        path,
+    )
 
 
 @pytest.fixture
@@ -35,7 +46,9 @@ def seeded(tmp_path, png, make_params):
     paths = Paths(tmp_path)
     seed_shard(paths.seed_split("train"), png, 32, "train")
     seed_shard(paths.seed_split("test"), png, 8, "test", prefix="t")
-    params = make_params(clip={"model": TINY, "train_epochs": 12, "batch_size": 16, "lr": 0.002}, embed={"batch_size": 8})
+    params = make_params(
+        clip={"model": TINY, "train_epochs": 12, "batch_size": 16, "lr": 0.002}, embed={"batch_size": 8}
+    )
     return paths, params
 
 
@@ -52,7 +65,9 @@ def test_clip_trains_saves_and_loads_back(seeded):
 
     bundle = clip.load_clip(paths.clip)
     texts = bundle.encode_texts([f"a {c} square" for c in COLOURS])
-    pixels = torch.tensor(np.array([COLOURS[c] for c in COLOURS], np.float32) / 255).view(4, 3, 1, 1).expand(4, 3, 32, 32)
+    pixels = (
+        torch.tensor(np.array([COLOURS[c] for c in COLOURS], np.float32) / 255).view(4, 3, 1, 1).expand(4, 3, 32, 32)
+    )
     images = bundle.encode_pixels(pixels).numpy()
     assert np.allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
     # After training, each colour's image is closest to its own caption.
@@ -61,11 +76,18 @@ def test_clip_trains_saves_and_loads_back(seeded):
 
 def test_clip_stops_early_and_keeps_the_best_epoch(seeded):
     paths, params = seeded
-    diverging = params.model_copy(update={"clip": params.clip.model_copy(update={"train_epochs": 30, "lr": 5.0, "patience": 2})})
+    diverging = params.model_copy(
+        update={"clip": params.clip.model_copy(update={"train_epochs": 30, "lr": 5.0, "patience": 2})}
+    )
     clip.run(diverging, paths)
     epochs = json.loads((paths.clip / clip.MODEL_INFO).read_text())["epochs"]
     assert len(epochs) < 30  # stopped: the held-out loss stopped improving
-    best = min(range(len(epochs)), key=lambda e: epochs[e]["heldout_loss"] if epochs[e]["heldout_loss"] == epochs[e]["heldout_loss"] else float("inf"))
+    best = min(
+        range(len(epochs)),
+        key=lambda e: (
+            epochs[e]["heldout_loss"] if epochs[e]["heldout_loss"] == epochs[e]["heldout_loss"] else float("inf")
+        ),
+    )
     assert len(epochs) - 1 - best == 2
 
 
@@ -92,11 +114,21 @@ def test_class_loss_teaches_what_captions_do_not_say(tmp_path, png, make_params)
     captions = [["a square", "one shape"]] * len(images)
 
     def spread(weight, with_classes=True):
-        params = make_params(clip={"model": TINY, "train_epochs": 8, "batch_size": 16, "lr": 0.002, "augment": True,
-                                     "class_loss_weight": weight})
+        params = make_params(
+            clip={
+                "model": TINY,
+                "train_epochs": 8,
+                "batch_size": 16,
+                "lr": 0.002,
+                "augment": True,
+                "class_loss_weight": weight,
+            }
+        )
         torch.manual_seed(0)
         bundle = clip.create(params.clip.model, None, torch.device("cpu"))
-        history = clip.train_contrastive(bundle, images, captions, params, classes if with_classes else [None] * len(images))
+        history = clip.train_contrastive(
+            bundle, images, captions, params, classes if with_classes else [None] * len(images)
+        )
         vectors = torch.from_numpy(embed.embed_images(bundle, images, params)[0])
         same = torch.tensor([[a == b for b in classes] for a in classes])
         similarity = vectors @ vectors.T
@@ -131,17 +163,27 @@ def test_batched_decoding_and_preprocessing_match_pil_image_by_image(seeded):
     bundle = clip.create(TINY, None, torch.device("cpu"))
     cells = np.random.default_rng(1).integers(0, 256, (6, 9, 3), dtype=np.uint8)
     picture = Image.fromarray(cells).resize((32, 48), Image.Resampling.NEAREST)
-    files = [encoded(picture, "JPEG", quality=85), encoded(picture, "PNG"), encoded(picture.convert("P"), "PNG"),
-             encoded(picture.convert("L"), "JPEG"), encoded(picture.convert("RGBA"), "PNG"), encoded(picture, "WEBP", lossless=True),
-             encoded(picture, "BMP"), encoded(picture.convert("I;16"), "PNG"), encoded(picture.convert("CMYK"), "JPEG"),
-             encoded(picture.resize((40, 40)), "PNG")]  # BMP and 16-bit PNG: PIL's decoding, as torchvision has none or another
+    files = [
+        encoded(picture, "JPEG", quality=85),
+        encoded(picture, "PNG"),
+        encoded(picture.convert("P"), "PNG"),
+        encoded(picture.convert("L"), "JPEG"),
+        encoded(picture.convert("RGBA"), "PNG"),
+        encoded(picture, "WEBP", lossless=True),
+        encoded(picture, "BMP"),
+        encoded(picture.convert("I;16"), "PNG"),
+        encoded(picture.convert("CMYK"), "JPEG"),
+        encoded(picture.resize((40, 40)), "PNG"),
+    ]  # BMP and 16-bit PNG: PIL's decoding, as torchvision has none or another
     pixels = [clip.decode_pixels(data) for data in files]
     for data, decoded in zip(files, pixels):
         assert torch.equal(decoded, torch.from_numpy(np.array(clip.decode(data))).permute(2, 0, 1))
     batched = clip.preprocess_pixels(bundle.preprocess, pixels)
     one_by_one = torch.stack([bundle.preprocess(clip.decode(data)) for data in files])
     assert batched.shape == (len(files), 3, 32, 32)
-    assert (batched - one_by_one).abs().mean() < 0.01  # torch's and PIL's bicubic differ a little where an image is resized
+    assert (
+        batched - one_by_one
+    ).abs().mean() < 0.01  # torch's and PIL's bicubic differ a little where an image is resized
     same_size = [i for i, data in enumerate(files) if min(Image.open(io.BytesIO(data)).size) == 32]
     assert torch.allclose(batched[same_size], one_by_one[same_size], atol=1e-5)  # only cropped: the same pixels
     with pytest.raises(Exception):

@@ -1,4 +1,5 @@
 """The `urls` and `fetch` stages end to end against a loopback server (tests/test_crawl_safety.py's web)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -25,14 +26,21 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ---- urls -------------------------------------------------------------------------------------------
 
 
 def test_normalize_url_and_stable_url_id():
-    assert urls.normalize_url("  HTTP://User@Example.COM:8080/Path/A.JPG?Q=1#F \n") == "http://User@example.com:8080/Path/A.JPG?Q=1#F"
+    assert (
+        urls.normalize_url("  HTTP://User@Example.COM:8080/Path/A.JPG?Q=1#F \n")
+        == "http://User@example.com:8080/Path/A.JPG?Q=1#F"
+    )
     assert urls.normalize_url("file:///tmp/Some.PNG") == "file:///tmp/Some.PNG"
     # url_id is part of the on-disk contract: it must never change between versions
     assert urls.url_id("http://example.com/a.jpg") == hashlib.sha256(b"http://example.com/a.jpg").hexdigest()[:16]
@@ -154,7 +162,9 @@ def crawled(tmp_path_factory, web):
         "hits": Counter(web.hits),
         "status": read_table(paths.crawl_status, CRAWL_STATUS_SCHEMA).to_pylist(),
         "shards": {p.name: read_table(p, IMAGE_SCHEMA).to_pylist() for p in shard_files(paths.crawl_shards)},
-        "url_ids": {r["url"]: r["url_id"] for p in shard_files(paths.urls) for r in read_table(p, URL_SCHEMA).to_pylist()},
+        "url_ids": {
+            r["url"]: r["url_id"] for p in shard_files(paths.urls) for r in read_table(p, URL_SCHEMA).to_pylist()
+        },
         "long_url": long_url,
         "local": local,
     }
@@ -189,10 +199,22 @@ def test_fetch_writes_one_status_row_per_url(crawled, web):
     assert {r["shard"] for r in ok} == set(crawled["shards"]) and len(ok) == 2
     assert all(r["attempts"] == 1 for r in crawled["status"])
     assert crawled["summary"] == {
-        "listed": 8, "new": 7, "retried": 0, "duplicates": 1, "run": "run0001", "ok": 2, "error": 3, "refused": 2,
-        "opt-out": 0, "transient": 0, "reasons": {"HTTP 404": 1, "not an image": 2, "refused URL": 2},
+        "listed": 8,
+        "new": 7,
+        "retried": 0,
+        "duplicates": 1,
+        "run": "run0001",
+        "ok": 2,
+        "error": 3,
+        "refused": 2,
+        "opt-out": 0,
+        "transient": 0,
+        "reasons": {"HTTP 404": 1, "not an image": 2, "refused URL": 2},
     }
-    assert json.loads((crawled["root"] / "data" / "crawl" / "stats" / "run0001-00000_stats.json").read_text())["count"] == 7
+    assert (
+        json.loads((crawled["root"] / "data" / "crawl" / "stats" / "run0001-00000_stats.json").read_text())["count"]
+        == 7
+    )
     assert not (crawled["root"] / "data" / "crawl" / "journal").exists()
 
 
@@ -218,7 +240,11 @@ def test_fetch_again_fetches_only_new_urls(crawled, web, capsys):
     # a row appended to a list, and a new list that also holds an image fetched before
     with open(root / "lists" / "web.csv", "a") as f:
         f.write(f"{web.base}/new1.jpg,new one,green,g\n")
-    write_csv(root / "lists" / "extra.csv", "url,text,query,class", [f"{web.base}/new2.jpg,new two,yellow,y", f"{web.base}/good.png,,b,b"])
+    write_csv(
+        root / "lists" / "extra.csv",
+        "url,text,query,class",
+        [f"{web.base}/new2.jpg,new two,yellow,y", f"{web.base}/good.png,,b,b"],
+    )
     params, paths = project(root, [*crawled["sources"], {"name": "extra", "path": "lists/extra.csv"}], web=web)
     urls.run(params, paths)
     capsys.readouterr()
@@ -245,7 +271,10 @@ def test_fetch_refuses_other_image_settings_than_the_stored_images(crawled, web)
     urls.run(params, paths)
     before = _snapshot(paths.crawl)
     web.hits.clear()
-    with pytest.raises(ParamsError, match=r"^fetch\.image_size: 48, but the images in .* were stored with 32; fetch\.encode_format: 'png', .*'jpg'; fetch\.encode_quality: 6, .* 95\. .*delete"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^fetch\.image_size: 48, but the images in .* were stored with 32; fetch\.encode_format: 'png', .*'jpg'; fetch\.encode_quality: 6, .* 95\. .*delete",
+    ):
         fetch.run(params, paths)
     assert _snapshot(paths.crawl) == before and not web.hits
     params, paths = project(root, crawled["sources"], web=web)  # back to the stored settings: the new URL is fetched

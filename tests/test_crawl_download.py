@@ -1,4 +1,5 @@
 """Resumable URL-list downloads (crawl/download.py) against a loopback server that honours or ignores Range."""
+
 from __future__ import annotations
 
 import hashlib
@@ -75,7 +76,9 @@ def test_a_drop_within_one_run_is_resumed_by_its_next_attempt(web, tmp_path):
     body = _body(400_000)
     served = web.routes["/again.csv"] = Served(body)
     served.drop_after = 100_000
-    dest = download_file(f"{web.base}/again.csv", tmp_path / "l.csv", hashlib.sha256(body).hexdigest(), label="l", backoff_s=0.01)
+    dest = download_file(
+        f"{web.base}/again.csv", tmp_path / "l.csv", hashlib.sha256(body).hexdigest(), label="l", backoff_s=0.01
+    )
     assert dest.read_bytes() == body
     assert [r["status"] for r in served.log] == [200, 206] and sum(r["sent"] for r in served.log) <= len(body) + CHUNK
 
@@ -100,7 +103,10 @@ def test_5xx_and_429_are_retried_honouring_retry_after(web, tmp_path):
     body = b"url\nhttp://example.org/a.jpg\n"
     web.routes["/busy.csv"] = flaky(2, 503, static(body))
     digest = hashlib.sha256(body).hexdigest()
-    assert download_file(f"{web.base}/busy.csv", tmp_path / "a.csv", digest, label="a", backoff_s=0.01).read_bytes() == body
+    assert (
+        download_file(f"{web.base}/busy.csv", tmp_path / "a.csv", digest, label="a", backoff_s=0.01).read_bytes()
+        == body
+    )
     assert web.hits["/busy.csv"] == 3
 
     answers = iter([static(b"slow down", 429, Retry_After="1", Content_Type="text/plain"), static(body)])
@@ -112,7 +118,9 @@ def test_5xx_and_429_are_retried_honouring_retry_after(web, tmp_path):
 
 def test_permanent_failures_and_exhausted_retries_are_one_clear_error(web, tmp_path):
     web.hits.clear()
-    with pytest.raises(InputError, match=r"^source gone: http://127\.0\.0\.1:\d+/gone\.csv answered HTTP 404 Not Found$"):
+    with pytest.raises(
+        InputError, match=r"^source gone: http://127\.0\.0\.1:\d+/gone\.csv answered HTTP 404 Not Found$"
+    ):
         download_file(f"{web.base}/gone.csv", tmp_path / "g.csv", "0" * 64, label="gone", backoff_s=0.01)
     assert web.hits["/gone.csv"] == 1  # not retried
     web.routes["/down.csv"] = static(b"", 500)
@@ -123,7 +131,9 @@ def test_permanent_failures_and_exhausted_retries_are_one_clear_error(web, tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(InputError, match="after 2 attempts"):
-        download_file(f"http://127.0.0.1:{port}/x.csv", tmp_path / "x.csv", "0" * 64, label="x", attempts=2, backoff_s=0.01)
+        download_file(
+            f"http://127.0.0.1:{port}/x.csv", tmp_path / "x.csv", "0" * 64, label="x", attempts=2, backoff_s=0.01
+        )
 
 
 def test_urls_checks_the_sha256_and_writes_nothing_on_a_mismatch(web, tmp_path):

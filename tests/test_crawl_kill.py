@@ -1,6 +1,7 @@
 """kill -9 of `dextra fetch` at random moments, then running it again: the run completes, committed shards are
 kept and never fetched again, no worker outlives its run, and the final (url_id, sha256) set is the one an
 uninterrupted run gets."""
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ N_IMAGES, N_MISSING, KILLS = 800, 40, 6
 
 def _slow(reply, delay_s: float = 0.03):
     """Each image takes a little while, so that kills land in the middle of shards."""
+
     def slowed(h):
         time.sleep(delay_s)
         reply(h)
@@ -37,13 +39,24 @@ def _setup(root: Path, web: Web):
     rows += [f"{web.base}/missing/{i}.jpg,gone {i},q,c" for i in range(N_MISSING)]
     random.Random(1).shuffle(rows)
     write_csv(root / "lists" / "web.csv", "url,text,query,class", rows)
-    params, paths = project(root, [{"name": "web", "path": "lists/web.csv"}], web=web, processes=2, threads=8, shard_size=60)
+    params, paths = project(
+        root, [{"name": "web", "path": "lists/web.csv"}], web=web, processes=2, threads=8, shard_size=60
+    )
     urls.run(params, paths)
     return paths
 
 
 def _fetch(root: Path, env: dict) -> subprocess.Popen:
-    args = [sys.executable, "-m", "dextra.pipeline.cli", "fetch", "--root", str(root), "--params", str(root / "params.yaml")]
+    args = [
+        sys.executable,
+        "-m",
+        "dextra.pipeline.cli",
+        "fetch",
+        "--root",
+        str(root),
+        "--params",
+        str(root / "params.yaml"),
+    ]
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -64,7 +77,11 @@ def _session(sid: int) -> list[psutil.Process]:
 
 def _outcome(paths) -> tuple[dict, set]:
     status = {r["url_id"]: r["status"] for r in read_status(paths).to_pylist()}
-    images = [(r["id"], r["sha256"]) for p in shard_files(paths.crawl_shards) for r in read_table(p, IMAGE_SCHEMA, ["id", "sha256"]).to_pylist()]
+    images = [
+        (r["id"], r["sha256"])
+        for p in shard_files(paths.crawl_shards)
+        for r in read_table(p, IMAGE_SCHEMA, ["id", "sha256"]).to_pylist()
+    ]
     assert len(images) == len({i for i, _ in images}), "an image stored twice"
     return status, set(images)
 
@@ -73,7 +90,9 @@ def _outcome(paths) -> tuple[dict, set]:
 def test_kill_9_at_random_moments_then_resume(tmp_path):
     web = Web()
     for i in range(N_IMAGES):
-        web.routes[f"/img/{i}.jpg"] = _slow(static(encoded(Image.new("RGB", (40 + i % 50, 30 + i % 31), (i % 256, 7 * i % 256, 99)), "JPEG")))
+        web.routes[f"/img/{i}.jpg"] = _slow(
+            static(encoded(Image.new("RGB", (40 + i % 50, 30 + i % 31), (i % 256, 7 * i % 256, 99)), "JPEG"))
+        )
     env = loopback_only_env(tmp_path / "guard")
     try:
         reference = _setup(tmp_path / "reference", web)
@@ -82,7 +101,10 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
         assert len(expected_status) == N_IMAGES + N_MISSING and len(expected_images) == N_IMAGES
 
         paths = _setup(tmp_path / "killed", web)
-        ids = {r["url"].removeprefix(web.base): r["url_id"] for r in read_table(paths.urls / "web.parquet", URL_SCHEMA).to_pylist()}
+        ids = {
+            r["url"].removeprefix(web.base): r["url_id"]
+            for r in read_table(paths.urls / "web.parquet", URL_SCHEMA).to_pylist()
+        }
         rng = random.Random(8)
         committed: set[str] = set()  # url_ids with a committed row before the latest kill
         kept_shards: dict[str, bytes] = {}
@@ -92,7 +114,9 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
             web.hits.clear()
             before, old_journal = len(read_status(paths)), set(_journal(paths))
             process = _fetch(paths.root, env)
-            if kills % 2:  # at any moment of start-up (lock, consolidation, imports, spawning workers), at the latest at its first commit
+            if (
+                kills % 2
+            ):  # at any moment of start-up (lock, consolidation, imports, spawning workers), at the latest at its first commit
                 deadline = time.monotonic() + rng.uniform(0.2, 8.0)
                 while time.monotonic() < deadline and process.poll() is None and not set(_journal(paths)) - old_journal:
                     time.sleep(0.05)
@@ -118,7 +142,9 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
         assert not [path for path in web.hits if ids.get(path) in committed]
         status, images = _outcome(paths)
         assert status == expected_status and images == expected_images
-        print(f"kill test: {kills} kills, {progressed} of them after commits; {len(kept_shards)} shards committed before a kill kept")
+        print(
+            f"kill test: {kills} kills, {progressed} of them after commits; {len(kept_shards)} shards committed before a kill kept"
+        )
         for name, data in kept_shards.items():  # shards committed before a kill are kept as they were
             assert (paths.crawl_shards / name).read_bytes() == data
         assert not (paths.crawl / ".img2dataset").exists() and not (paths.crawl / "journal").exists()

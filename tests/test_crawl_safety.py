@@ -3,6 +3,7 @@
 Also the loopback web the other tests/test_crawl_*.py files use. Nothing here leaves 127.0.0.1: every name used
 resolves locally, and an audit hook (installed on import) turns any connect() off loopback into an error.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,10 +17,10 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -62,18 +63,33 @@ def loopback_only_env(folder: Path) -> dict:
     """An environment whose Python processes (a `dextra fetch`, and every worker it spawns) cannot connect off loopback."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
 
 
-def project(root: Path, sources: list[dict], allowed_schemes=("http", "https"), web: "Web | None" = None, **fetch) -> tuple:
+def project(
+    root: Path, sources: list[dict], allowed_schemes=("http", "https"), web: Web | None = None, **fetch
+) -> tuple:
     """A repository root with manifests/t.yaml and params.yaml (the repository's, small and quick, allowing `web`)."""
     (root / "manifests").mkdir(parents=True, exist_ok=True)
     manifest = {"name": "t", "seed": {"importer": "demo"}, "sources": sources, "allowed_schemes": list(allowed_schemes)}
     (root / "manifests" / "t.yaml").write_text(yaml.safe_dump(manifest))
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["dataset"] = "t"
-    raw["fetch"].update({"image_size": 32, "processes": 1, "threads": 4, "timeout_s": 5, "shard_size": 100,
-                         "allow_addresses": [web.allow] if web else [], **fetch})
+    raw["fetch"].update(
+        {
+            "image_size": 32,
+            "processes": 1,
+            "threads": 4,
+            "timeout_s": 5,
+            "shard_size": 100,
+            "allow_addresses": [web.allow] if web else [],
+            **fetch,
+        }
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return parse_params(raw), Paths(root)
 
@@ -82,12 +98,19 @@ def write_csv(path: Path, header: str, rows: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join([header, *rows]) + "\n")
 
+
 # ---- the loopback web -----------------------------------------------------------------------------------
 
 Reply = Callable[[BaseHTTPRequestHandler], None]
 
 
-def send(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict | None = None, length: int | None = None) -> None:
+def send(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    body: bytes = b"",
+    headers: dict | None = None,
+    length: int | None = None,
+) -> None:
     handler.send_response(status)
     for name, value in {"Content-Type": "image/jpeg", **(headers or {})}.items():
         handler.send_header(name, value)
@@ -185,13 +208,19 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
 
 def png_bomb(side: int = 20_000) -> bytes:
     """A 1-bit PNG of side x side pixels in a few kB: cv2 would decode it to side² bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     compressor = zlib.compressobj(9)
     row = b"\0" * (1 + side // 8)
     idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +254,22 @@ def test_url_refusal_schemes_length_and_hosts():
 @pytest.mark.parametrize(
     "address, kind",
     [
-        ("127.0.0.1", "loopback"), ("127.0.0.2", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
-        ("10.1.2.3", "private"), ("192.168.0.1", "private"), ("172.16.5.4", "private"), ("fd00::1", "private"),
-        ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("224.0.0.1", "multicast"), ("ff02::1", "multicast"),
-        ("240.0.0.1", "reserved"), ("0.0.0.0", "unspecified"), ("100.64.0.1", "non-public"), ("2002:0a00:0001::1", "private"),
+        ("127.0.0.1", "loopback"),
+        ("127.0.0.2", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("192.168.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("fd00::1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("0.0.0.0", "unspecified"),
+        ("100.64.0.1", "non-public"),
+        ("2002:0a00:0001::1", "private"),
     ],
 )
 def test_non_public_addresses_are_refused_with_their_kind(address, kind):
@@ -238,7 +279,9 @@ def test_non_public_addresses_are_refused_with_their_kind(address, kind):
 
 def test_allow_addresses_open_exactly_what_they_name():
     fetch = parse_params_with(allow_addresses=["127.0.0.1:8080", "10.0.0.0/8", "[::1]:9000"]).fetch
-    policy = safety.Policy(schemes=frozenset({"http"}), allow=tuple(map(safety.parse_address_rule, fetch.allow_addresses)))
+    policy = safety.Policy(
+        schemes=frozenset({"http"}), allow=tuple(map(safety.parse_address_rule, fetch.allow_addresses))
+    )
     assert safety.address_refusal("127.0.0.1", 8080, policy) is None
     assert safety.address_refusal("127.0.0.1", 8081, policy) is not None
     assert safety.address_refusal("10.200.3.4", 443, policy) is None
@@ -279,7 +322,14 @@ def _failure(web: Web, path_or_url: str, **kwargs) -> tuple[str, str]:
 
 
 def test_allowed_server_and_redirect_chain_are_fetched(web):
-    web.routes.update({"/red.jpg": static(JPEG), "/r1": redirect("/r2"), "/r2": redirect(f"{web.base}/r3"), "/r3": redirect("/red.jpg")})
+    web.routes.update(
+        {
+            "/red.jpg": static(JPEG),
+            "/r1": redirect("/r2"),
+            "/r2": redirect(f"{web.base}/r3"),
+            "/r3": redirect("/red.jpg"),
+        }
+    )
     assert _fetch(web, "/red.jpg") == JPEG
     assert _fetch(web, "/r1") == JPEG
     user_agent = web.requests[-1][1]["User-Agent"]
@@ -309,7 +359,9 @@ def test_loopback_is_refused_unless_allowed_and_nothing_connects(web):
     ],
 )
 def test_every_redirect_hop_is_checked_before_connecting(web, location, says):
-    web.routes.update({"/red.jpg": static(JPEG), "/away": redirect(location.format(port=web.port, other_port=web.port + 1))})
+    web.routes.update(
+        {"/red.jpg": static(JPEG), "/away": redirect(location.format(port=web.port, other_port=web.port + 1))}
+    )
     CONNECTS.clear()
     kind, message = _failure(web, "/away", schemes=("http", "file"))
     assert kind == "refused" and says in message, message
@@ -338,10 +390,16 @@ def test_the_address_checked_is_the_address_connected_to(web, monkeypatch):
 
 
 def test_status_codes_are_transient_or_permanent(web):
-    web.routes.update({
-        "/gone": static(b"", 404), "/boom": static(b"", 500), "/busy": static(b"", 503), "/slow-down": static(b"", 429),
-        "/loop-a": redirect("/loop-b"), "/loop-b": redirect("/loop-a"),
-    })
+    web.routes.update(
+        {
+            "/gone": static(b"", 404),
+            "/boom": static(b"", 500),
+            "/busy": static(b"", 503),
+            "/slow-down": static(b"", 429),
+            "/loop-a": redirect("/loop-b"),
+            "/loop-b": redirect("/loop-a"),
+        }
+    )
     assert _failure(web, "/gone") == ("permanent", "HTTP 404: Not Found")
     assert _failure(web, "/boom") == ("transient", "HTTP 500: Internal Server Error")
     assert _failure(web, "/busy")[0] == "transient" and _failure(web, "/slow-down")[0] == "transient"
@@ -350,11 +408,13 @@ def test_status_codes_are_transient_or_permanent(web):
 
 
 def test_opt_out_header_is_honoured(web):
-    web.routes.update({
-        "/noai": static(JPEG, X_Robots_Tag="noai"),
-        "/other-bot": static(JPEG, X_Robots_Tag="otherbot: noimageai"),
-        "/ours": static(JPEG, X_Robots_Tag="img2dataset: noimageai, nofollow"),
-    })
+    web.routes.update(
+        {
+            "/noai": static(JPEG, X_Robots_Tag="noai"),
+            "/other-bot": static(JPEG, X_Robots_Tag="otherbot: noimageai"),
+            "/ours": static(JPEG, X_Robots_Tag="img2dataset: noimageai, nofollow"),
+        }
+    )
     assert _failure(web, "/noai") == ("opt-out", "opt-out: X-Robots-Tag: noai")
     assert _fetch(web, "/other-bot") == JPEG  # addressed to another crawler
     assert _failure(web, "/ours")[0] == "opt-out"
@@ -362,8 +422,14 @@ def test_opt_out_header_is_honoured(web):
 
 def test_body_limits_hold_however_the_body_is_sent(web):
     big = b"x" * 150_000
-    web.routes.update({"/declared": static(big), "/undeclared": unsized(big), "/short": short(JPEG[:100], len(JPEG)),
-                       "/drip": drip(JPEG, 0.2)})
+    web.routes.update(
+        {
+            "/declared": static(big),
+            "/undeclared": unsized(big),
+            "/short": short(JPEG[:100], len(JPEG)),
+            "/drip": drip(JPEG, 0.2),
+        }
+    )
     kind, message = _failure(web, "/declared")
     assert kind == "permanent" and "Content-Length 150,000 is over fetch.max_bytes (100,000); not read" in message
     kind, message = _failure(web, "/undeclared")
@@ -376,8 +442,26 @@ def test_body_limits_hold_however_the_body_is_sent(web):
 
 
 def test_https_goes_through_the_guard_and_verifies_certificates(tmp_path):
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     secure = Web()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
@@ -397,7 +481,10 @@ def test_file_urls_are_read_only_where_allowed(web, tmp_path):
     local.write_bytes(JPEG)
     assert _fetch(web, local.as_uri(), schemes=("file",)) == JPEG
     assert _failure(web, local.as_uri())[0] == "refused"
-    assert _failure(web, (tmp_path / "nope.jpg").as_uri(), schemes=("file",)) == ("permanent", f"no such file: {tmp_path / 'nope.jpg'}")
+    assert _failure(web, (tmp_path / "nope.jpg").as_uri(), schemes=("file",)) == (
+        "permanent",
+        f"no such file: {tmp_path / 'nope.jpg'}",
+    )
 
 
 # ---- image checks before decoding ----------------------------------------------------------------------
@@ -407,7 +494,9 @@ def test_image_checks_name_what_is_wrong():
     checks = {
         b"": "empty body",
         b"<!DOCTYPE html><html><body>404</body></html>": "not an image: an HTML or XML page",
-        np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(): "not an image: 3000 bytes of an unknown format",
+        np.random.default_rng(0)
+        .integers(0, 256, 3000, dtype=np.uint8)
+        .tobytes(): "not an image: 3000 bytes of an unknown format",
         NOISE_JPEG[: len(NOISE_JPEG) // 2]: "truncated JPEG: no end-of-image marker",
         JPEG[:100]: "not an image: a JPEG whose header is cut short or corrupt",
         png_bomb(): "decompression bomb: 400,000,000 pixels is over fetch.max_pixels (40,000,000), read from the header",

@@ -1,5 +1,6 @@
 """fetch.distributor: pyspark in local mode gets the multiprocessing result, the guard included (it runs in the
 Spark executors' Python workers). Needs `pip install -e ".[spark]"` and Java 17; skipped without pyspark."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,29 +19,60 @@ pytest.importorskip("pyspark")
 
 def _crawl(root, web: Web, distributor: str, env: dict) -> dict:
     rows = [f"{web.base}/img/{i}.jpg,image {i},q,c" for i in range(12)]
-    rows += [f"{web.base}{path},odd,q,c" for path in ("/missing.jpg", "/to-private", "/to-file", "/chain", "/bomb.png", "/noai.jpg")]
+    rows += [
+        f"{web.base}{path},odd,q,c"
+        for path in ("/missing.jpg", "/to-private", "/to-file", "/chain", "/bomb.png", "/noai.jpg")
+    ]
     rows += ["file:///etc/hostname,local,q,c"]
     write_csv(root / "lists" / "web.csv", "url,text,query,class", rows)
-    params, paths = project(root, [{"name": "web", "path": "lists/web.csv"}], web=web, distributor=distributor, processes=2,
-                            threads=4, shard_size=5)
+    params, paths = project(
+        root,
+        [{"name": "web", "path": "lists/web.csv"}],
+        web=web,
+        distributor=distributor,
+        processes=2,
+        threads=4,
+        shard_size=5,
+    )
     urls.run(params, paths)
-    args = [sys.executable, "-m", "dextra.pipeline.cli", "fetch", "--root", str(root), "--params", str(root / "params.yaml")]
+    args = [
+        sys.executable,
+        "-m",
+        "dextra.pipeline.cli",
+        "fetch",
+        "--root",
+        str(root),
+        "--params",
+        str(root / "params.yaml"),
+    ]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     url_of = {r["url_id"]: r["url"] for r in read_table(paths.urls / "web.parquet", URL_SCHEMA).to_pylist()}
-    sha = {r["id"]: r["sha256"] for p in shard_files(paths.crawl_shards) for r in read_table(p, IMAGE_SCHEMA, ["id", "sha256"]).to_pylist()}
-    return {url_of[r["url_id"]]: (r["status"], r["error"], sha.get(r["url_id"])) for r in read_status(paths).to_pylist()}
+    sha = {
+        r["id"]: r["sha256"]
+        for p in shard_files(paths.crawl_shards)
+        for r in read_table(p, IMAGE_SCHEMA, ["id", "sha256"]).to_pylist()
+    }
+    return {
+        url_of[r["url_id"]]: (r["status"], r["error"], sha.get(r["url_id"])) for r in read_status(paths).to_pylist()
+    }
 
 
 @pytest.mark.slow
 def test_pyspark_local_mode_gets_the_multiprocessing_result(tmp_path):
     web = Web()
-    web.routes.update({f"/img/{i}.jpg": static(encoded(Image.new("RGB", (30 + i, 20), (20 * i, 0, 0)), "JPEG")) for i in range(12)})
-    web.routes.update({
-        "/to-private": redirect("http://10.1.2.3/x.jpg"), "/to-file": redirect("file:///etc/passwd"),
-        "/chain": redirect("/img/0.jpg"), "/bomb.png": static(png_bomb(), Content_Type="image/png"),
-        "/noai.jpg": static(b"", X_Robots_Tag="noai"),
-    })
+    web.routes.update(
+        {f"/img/{i}.jpg": static(encoded(Image.new("RGB", (30 + i, 20), (20 * i, 0, 0)), "JPEG")) for i in range(12)}
+    )
+    web.routes.update(
+        {
+            "/to-private": redirect("http://10.1.2.3/x.jpg"),
+            "/to-file": redirect("file:///etc/passwd"),
+            "/chain": redirect("/img/0.jpg"),
+            "/bomb.png": static(png_bomb(), Content_Type="image/png"),
+            "/noai.jpg": static(b"", X_Robots_Tag="noai"),
+        }
+    )
     env = {**loopback_only_env(tmp_path / "guard"), "SPARK_LOCAL_IP": "127.0.0.1"}
     try:
         expected = _crawl(tmp_path / "multiprocessing", web, "multiprocessing", env)
@@ -50,5 +82,11 @@ def test_pyspark_local_mode_gets_the_multiprocessing_result(tmp_path):
     assert spark == expected
     outcomes = {url.rsplit("/", 1)[-1]: status for url, (status, _, _) in spark.items()}
     assert [outcomes[k] for k in ("to-private", "to-file", "hostname", "noai.jpg", "bomb.png", "chain")] == [
-        "refused", "refused", "refused", "opt-out", "error", "ok"]
+        "refused",
+        "refused",
+        "refused",
+        "opt-out",
+        "error",
+        "ok",
+    ]
     assert sum(status == "ok" for status, _, _ in spark.values()) == 13

@@ -1,4 +1,5 @@
 """Curate on hand-built embeddings and images, so every decision and extrapolation has a known answer."""
+
 import io
 
 import imagehash
@@ -15,7 +16,16 @@ from dextra.filter.extrapolate import extrapolate
 from dextra.filter.index import build_index, describe, search
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import CURATED_SCHEMA, DECISION_SCHEMA, STATUS_SCHEMA, URL_SCHEMA, read_table, sha256_hex, write_embeddings, write_table
+from dextra.pipeline.shards import (
+    CURATED_SCHEMA,
+    DECISION_SCHEMA,
+    STATUS_SCHEMA,
+    URL_SCHEMA,
+    read_table,
+    sha256_hex,
+    write_embeddings,
+    write_table,
+)
 
 DIM = 16
 
@@ -89,7 +99,9 @@ def test_cluster_detector_separates_an_off_topic_cluster():
     centre, other = np.eye(DIM)[0], np.eye(DIM)[7]
     seed = unit(centre + 0.1 * rng.normal(size=(40, DIM)))
     crawl = unit(np.concatenate([centre + 0.1 * rng.normal(size=(20, DIM)), other + 0.1 * rng.normal(size=(20, DIM))]))
-    labels, similarity = cluster_detector(crawl, np.arange(40), ["q"] * 40, build_index(seed), 5, clusters_per_query=2, min_cluster_size=5, seed=0)
+    labels, similarity = cluster_detector(
+        crawl, np.arange(40), ["q"] * 40, build_index(seed), 5, clusters_per_query=2, min_cluster_size=5, seed=0
+    )
     assert len(set(labels[:20])) == 1 and len(set(labels[20:])) == 1 and labels[0] != labels[20]
     assert similarity[:20].min() > 0.8 and similarity[20:].max() < 0.3
 
@@ -106,7 +118,9 @@ def test_class_detector_predicts_the_seed_class():
 def test_batched_phash_gives_imagehash_bits():
     rng = np.random.default_rng(0)
     images = [blocks(i, size) for i, size in enumerate((8, 31, 32, 48, 97))]
-    images += [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((20, 50), (64, 64), (300, 120))]
+    images += [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((20, 50), (64, 64), (300, 120))
+    ]
     images += [Image.new("RGB", (32, 32), (120, 30, 200)), copy_of(blocks(9))]  # flat: every coefficient ties
     grays = [image.convert("L") for image in images]
     expected = np.stack([np.packbits(imagehash.phash(g).hash.flatten()) for g in grays])
@@ -133,7 +147,12 @@ def test_leak_bank_returns_every_test_image_within_reach():
 def test_duplicates_exact_and_near():
     assert exact_duplicates(["a", "b", "c"], ["x", "y", "x"]) == {"c": "a"}
     originals = [blocks(10 + i) for i in range(3)]
-    images = [encode(originals[0]), encode(originals[1]), encode(originals[0].crop((2, 2, 46, 44)).resize((64, 64))), encode(originals[2])]
+    images = [
+        encode(originals[0]),
+        encode(originals[1]),
+        encode(originals[0].crop((2, 2, 46, 44)).resize((64, 64))),
+        encode(originals[2]),
+    ]
     neighbours = np.array([[2, 1], [0, 3], [0, 1], [1, 0]])
     similarities = np.full((4, 2), 0.95)  # CLIP calls every pair a candidate; pHash must tell copies apart
     asked = []
@@ -146,8 +165,14 @@ def test_duplicates_exact_and_near():
 
 # Curate params for build_fixture with both detectors on (the distance detector is off: the seed has classes).
 EVERY_DETECTOR = {
-    "k_neighbors": 3, "seed_k": 3, "clusters_per_query": 2, "min_cluster_size": 3, "cluster_percentile": 1,
-    "cluster_detector": True, "class_detector": True, "distance_detector": "auto",
+    "k_neighbors": 3,
+    "seed_k": 3,
+    "clusters_per_query": 2,
+    "min_cluster_size": 3,
+    "cluster_percentile": 1,
+    "cluster_detector": True,
+    "class_detector": True,
+    "distance_detector": "auto",
 }
 
 
@@ -159,25 +184,44 @@ def build_fixture(root):
     caption_features = unit(np.roll(np.eye(3, DIM), 8, axis=1))
 
     def image_shard(path, ids, images, split, classes):
-        write_table(pa.table({
-            "id": ids, "image": images, "width": pa.array([48] * len(ids), pa.int32()), "height": pa.array([48] * len(ids), pa.int32()),
-            "captions": [[f"caption of {i}"] for i in ids], "split": [split] * len(ids), "class": pa.array(classes, pa.string()),
-            "source": ["test"] * len(ids), "url": pa.array([f"http://127.0.0.1/{i}" for i in ids], pa.string()), "sha256": [sha256_hex(b) for b in images],
-            **({"url_id": ids, "query": [f"class {c}" for c in classes]} if split == "extra" else {}),
-        }), path)
+        write_table(
+            pa.table(
+                {
+                    "id": ids,
+                    "image": images,
+                    "width": pa.array([48] * len(ids), pa.int32()),
+                    "height": pa.array([48] * len(ids), pa.int32()),
+                    "captions": [[f"caption of {i}"] for i in ids],
+                    "split": [split] * len(ids),
+                    "class": pa.array(classes, pa.string()),
+                    "source": ["test"] * len(ids),
+                    "url": pa.array([f"http://127.0.0.1/{i}" for i in ids], pa.string()),
+                    "sha256": [sha256_hex(b) for b in images],
+                    **({"url_id": ids, "query": [f"class {c}" for c in classes]} if split == "extra" else {}),
+                }
+            ),
+            path,
+        )
 
     seed_ids = [f"s{i:02d}" for i in range(30)]
     seed_images = [encode(blocks(100 + i)) for i in range(30)]
     image_shard(paths.seed_split("train"), seed_ids, seed_images, "train", [str(i % 3) for i in range(30)])
-    write_embeddings(paths.embedding_file("seed_images", "train"), seed_ids, unit(centres[np.arange(30) % 3] + 0.05 * rng.normal(size=(30, DIM))))
+    write_embeddings(
+        paths.embedding_file("seed_images", "train"),
+        seed_ids,
+        unit(centres[np.arange(30) % 3] + 0.05 * rng.normal(size=(30, DIM))),
+    )
     test_ids = [f"t{i}" for i in range(6)]
     test_pictures = [blocks(200 + i) for i in range(6)]
-    image_shard(paths.seed_split("test"), test_ids, [encode(p) for p in test_pictures], "test", [str(i % 3) for i in range(6)])
+    image_shard(
+        paths.seed_split("test"), test_ids, [encode(p) for p in test_pictures], "test", [str(i % 3) for i in range(6)]
+    )
     test_vectors = unit(centres[np.arange(6) % 3] + 0.05 * rng.normal(size=(6, DIM)))
     write_embeddings(paths.embedding_file("seed_images", "test"), test_ids, test_vectors)
     caption_ids = [i for i in seed_ids for _ in range(2)]
     write_embeddings(
-        paths.embedding_file("seed_captions", "train"), caption_ids,
+        paths.embedding_file("seed_captions", "train"),
+        caption_ids,
         unit(caption_features[np.repeat(np.arange(30) % 3, 2)] + 0.01 * rng.normal(size=(60, DIM))),
         extra={"caption": pa.array([f"caption of {i}" for i in caption_ids])},
     )
@@ -198,19 +242,42 @@ def build_fixture(root):
     for i in range(6):
         crawled[f"x_off{i}"] = ("ok", "1", np.eye(DIM)[12] + 0.05 * rng.normal(size=DIM), encode(blocks(400 + i)))
     ids = sorted(crawled)
-    write_table(pa.table({
-        "url_id": ids, "url": [f"http://127.0.0.1/{i}" for i in ids], "text": ids,
-        "query": [f"class {crawled[i][1]}" for i in ids], "class": [crawled[i][1] for i in ids], "source": ["web"] * len(ids),
-    }), paths.urls / "web.parquet", URL_SCHEMA)
-    write_table(pa.table({
-        "url_id": ids, "status": [crawled[i][0] for i in ids],
-        "error": [None if crawled[i][0] == "ok" else f"{crawled[i][0]} because" for i in ids], "shard": [None] * len(ids),
-    }), paths.crawl_status, STATUS_SCHEMA)
+    write_table(
+        pa.table(
+            {
+                "url_id": ids,
+                "url": [f"http://127.0.0.1/{i}" for i in ids],
+                "text": ids,
+                "query": [f"class {crawled[i][1]}" for i in ids],
+                "class": [crawled[i][1] for i in ids],
+                "source": ["web"] * len(ids),
+            }
+        ),
+        paths.urls / "web.parquet",
+        URL_SCHEMA,
+    )
+    write_table(
+        pa.table(
+            {
+                "url_id": ids,
+                "status": [crawled[i][0] for i in ids],
+                "error": [None if crawled[i][0] == "ok" else f"{crawled[i][0]} because" for i in ids],
+                "shard": [None] * len(ids),
+            }
+        ),
+        paths.crawl_status,
+        STATUS_SCHEMA,
+    )
     ok = [i for i in ids if crawled[i][0] == "ok"]
     images = [crawled[i][3] for i in ok]
     image_shard(paths.crawl_shards / "run0001-00000.parquet", ok, images, "extra", [crawled[i][1] for i in ok])
     vectors = unit(np.stack([crawled[i][2] + 0.01 * rng.normal(size=DIM) for i in ok]))
-    write_embeddings(paths.embedding_file("crawl_images", "run0001-00000"), ok, vectors, extra={"phash": pa.array([phash(b) for b in images], pa.binary(8))})
+    write_embeddings(
+        paths.embedding_file("crawl_images", "run0001-00000"),
+        ok,
+        vectors,
+        extra={"phash": pa.array([phash(b) for b in images], pa.binary(8))},
+    )
     return paths, caption_features
 
 
@@ -222,8 +289,15 @@ def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params):
     decisions = {r["url_id"]: r for r in read_table(paths.decisions, DECISION_SCHEMA).to_pylist()}
     outcomes = {u: d["outcome"] for u, d in decisions.items()}
     assert outcomes == {
-        "a_near0": "kept", "b_near1": "kept", "c_wrong": "class", "d_leak": "leak",
-        "e_exact": "duplicate", "f_near": "duplicate", "g_err": "fetch_error", "h_ref": "refused", "i_optout": "refused",
+        "a_near0": "kept",
+        "b_near1": "kept",
+        "c_wrong": "class",
+        "d_leak": "leak",
+        "e_exact": "duplicate",
+        "f_near": "duplicate",
+        "g_err": "fetch_error",
+        "h_ref": "refused",
+        "i_optout": "refused",
         **{f"x_off{i}": "cluster" for i in range(6)},
     }
     assert decisions["e_exact"]["duplicate_of"] == "a_near0" and decisions["f_near"]["duplicate_of"] == "a_near0"
@@ -244,14 +318,30 @@ def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params):
 
 def test_detectors_can_be_switched_off(tmp_path, make_params):
     paths, _ = build_fixture(tmp_path)
-    curate.run(make_params(curate={"k_neighbors": 3, "seed_k": 3, "cluster_detector": False, "class_detector": False, "distance_detector": "off"}), paths)
+    curate.run(
+        make_params(
+            curate={
+                "k_neighbors": 3,
+                "seed_k": 3,
+                "cluster_detector": False,
+                "class_detector": False,
+                "distance_detector": "off",
+            }
+        ),
+        paths,
+    )
     outcomes = {r["url_id"]: r["outcome"] for r in read_table(paths.decisions, DECISION_SCHEMA).to_pylist()}
     assert outcomes["c_wrong"] == "kept" and outcomes["x_off0"] == "kept" and outcomes["d_leak"] == "leak"
 
 
 def test_everything_dropped_leaves_empty_curated_shards(tmp_path, make_params):
     paths, _ = build_fixture(tmp_path)
-    summary = curate.run(make_params(curate={"seed_k": 3, "class_detector": True, "min_class_confidence": 1.0, "cluster_detector": False}), paths)
+    summary = curate.run(
+        make_params(
+            curate={"seed_k": 3, "class_detector": True, "min_class_confidence": 1.0, "cluster_detector": False}
+        ),
+        paths,
+    )
     assert "kept" not in summary["outcomes"]
     assert read_table(paths.curated_shards / "run0001-00000.parquet", CURATED_SCHEMA).num_rows == 0
 
@@ -273,9 +363,14 @@ def synthetic_core_inputs(n_crawl: int = 4000, n_seed: int = 400, dim: int = 64)
     centres = unit(rng.normal(size=(8, dim)))
     seed_classes = np.arange(n_seed) % 8
     seed = curate.Seed(
-        ids=[f"s{i}" for i in range(n_seed)], vectors=unit(centres[seed_classes] + 0.3 * rng.normal(size=(n_seed, dim))),
-        classes=[str(c) for c in seed_classes], caption_features=unit(rng.normal(size=(n_seed, dim))), first_captions=[f"class {c}" for c in seed_classes],
-        test_ids=[f"t{i}" for i in range(40)], test_vectors=unit(centres[np.arange(40) % 8] + 0.3 * rng.normal(size=(40, dim))), test_images=None,
+        ids=[f"s{i}" for i in range(n_seed)],
+        vectors=unit(centres[seed_classes] + 0.3 * rng.normal(size=(n_seed, dim))),
+        classes=[str(c) for c in seed_classes],
+        caption_features=unit(rng.normal(size=(n_seed, dim))),
+        first_captions=[f"class {c}" for c in seed_classes],
+        test_ids=[f"t{i}" for i in range(40)],
+        test_vectors=unit(centres[np.arange(40) % 8] + 0.3 * rng.normal(size=(40, dim))),
+        test_images=None,
     )
     query_class = rng.integers(0, 8, n_crawl)
     shown = np.where(rng.random(n_crawl) < 0.2, rng.integers(0, 8, n_crawl), query_class)
@@ -284,8 +379,13 @@ def synthetic_core_inputs(n_crawl: int = 4000, n_seed: int = 400, dim: int = 64)
     copies = np.flatnonzero(rng.random(n_crawl) < 0.1)
     vectors[copies] = vectors[copies - 1] + 0.05 * rng.normal(size=(len(copies), dim))
     crawl = curate.Crawl(
-        ids=[f"c{i:05d}" for i in range(n_crawl)], vectors=unit(vectors).astype(np.float16), queries=[f"class {c}" for c in query_class],
-        classes=[str(c) for c in query_class], digests=[str(i) for i in range(n_crawl)], hashes=None, read_images=None,
+        ids=[f"c{i:05d}" for i in range(n_crawl)],
+        vectors=unit(vectors).astype(np.float16),
+        queries=[f"class {c}" for c in query_class],
+        classes=[str(c) for c in query_class],
+        digests=[str(i) for i in range(n_crawl)],
+        hashes=None,
+        read_images=None,
         urls=[f"http://web.example/{i:05d}.jpg" for i in range(n_crawl)],
     )
     return seed, crawl
@@ -296,7 +396,14 @@ def test_curate_is_identical_whatever_the_thread_count(make_params, exact_index_
     import faiss
 
     seed, crawl = synthetic_core_inputs()
-    cfg = make_params(curate={"cluster_detector": True, "class_detector": True, "distance_detector": "on", "exact_index_max": exact_index_max}).curate
+    cfg = make_params(
+        curate={
+            "cluster_detector": True,
+            "class_detector": True,
+            "distance_detector": "on",
+            "exact_index_max": exact_index_max,
+        }
+    ).curate
     faiss_threads, torch_threads = faiss.omp_get_max_threads(), torch.get_num_threads()
     runs = []
     try:
@@ -309,7 +416,9 @@ def test_curate_is_identical_whatever_the_thread_count(make_params, exact_index_
         torch.set_num_threads(torch_threads)
     (one, extra_one, thresholds_one), (two, extra_two, thresholds_two) = runs
     assert thresholds_one == thresholds_two
-    assert len(set(one.outcome)) >= 4  # kept, duplicate, class and distance or cluster: every detector decided something
+    assert (
+        len(set(one.outcome)) >= 4
+    )  # kept, duplicate, class and distance or cluster: every detector decided something
     for name in vars(one):  # every decision and score, bit for bit
         np.testing.assert_array_equal(getattr(one, name), getattr(two, name), err_msg=name)
     for name in vars(extra_one):
@@ -319,11 +428,18 @@ def test_curate_is_identical_whatever_the_thread_count(make_params, exact_index_
 def test_curate_does_not_depend_on_row_order(make_params):
     """Rows are sorted by url_id, a hash of the URL: the demo's file:// URLs in another folder shuffle them."""
     seed, crawl = synthetic_core_inputs()
-    cfg = make_params(curate={"cluster_detector": True, "class_detector": True, "distance_detector": "on", "exact_index_max": 300}).curate
+    cfg = make_params(
+        curate={"cluster_detector": True, "class_detector": True, "distance_detector": "on", "exact_index_max": 300}
+    ).curate
     shuffled = np.random.default_rng(0).permutation(len(crawl.ids))
     moved = curate.Crawl(
-        ids=[crawl.ids[r] for r in shuffled], vectors=crawl.vectors[shuffled], queries=[crawl.queries[r] for r in shuffled],
-        classes=[crawl.classes[r] for r in shuffled], digests=[crawl.digests[r] for r in shuffled], hashes=None, read_images=None,
+        ids=[crawl.ids[r] for r in shuffled],
+        vectors=crawl.vectors[shuffled],
+        queries=[crawl.queries[r] for r in shuffled],
+        classes=[crawl.classes[r] for r in shuffled],
+        digests=[crawl.digests[r] for r in shuffled],
+        hashes=None,
+        read_images=None,
         urls=[crawl.urls[r] for r in shuffled],
     )
     one, extra_one, _ = curate.curate_core(seed, crawl, cfg, 0, torch.device("cpu"))
@@ -331,6 +447,12 @@ def test_curate_does_not_depend_on_row_order(make_params):
     assert (one.outcome == "duplicate").sum() > 0 and len(set(one.cluster) - {None}) > 8
     for name in vars(one):
         np.testing.assert_array_equal(getattr(one, name)[shuffled], getattr(two, name), err_msg=name)
-    kept_one = {crawl.ids[r]: (tuple(n), w.tobytes()) for r, n, w in zip(extra_one.rows, extra_one.neighbor_rows, extra_one.weights)}
-    kept_two = {moved.ids[r]: (tuple(n), w.tobytes()) for r, n, w in zip(extra_two.rows, extra_two.neighbor_rows, extra_two.weights)}
+    kept_one = {
+        crawl.ids[r]: (tuple(n), w.tobytes())
+        for r, n, w in zip(extra_one.rows, extra_one.neighbor_rows, extra_one.weights)
+    }
+    kept_two = {
+        moved.ids[r]: (tuple(n), w.tobytes())
+        for r, n, w in zip(extra_two.rows, extra_two.neighbor_rows, extra_two.weights)
+    }
     assert kept_one == kept_two

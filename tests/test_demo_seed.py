@@ -1,4 +1,5 @@
 """The `seed` stage: the embedded demo generator, the folder importer, and the curation-quality bench's scoring."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -151,8 +152,15 @@ def make_folder(root: Path, rows: list[str]) -> Paths:
 
 
 def test_folder_importer_groups_captions_and_reencodes(tmp_path):
-    paths = make_folder(tmp_path, ["a.png,a red box,box,", "b.jpg,grey square,square,", "a.png,\"red, half clear\",box,",
-                                   "sub/c.png,a blue bar,bar,test"])
+    paths = make_folder(
+        tmp_path,
+        [
+            "a.png,a red box,box,",
+            "b.jpg,grey square,square,",
+            'a.png,"red, half clear",box,',
+            "sub/c.png,a blue bar,bar,test",
+        ],
+    )
     summary = seed.run(small_params(dataset="mine"), paths)
     table = pd.concat([read_table(paths.seed_split(s)).to_pandas() for s in ("train", "test")]).set_index("id")
     assert sorted(table.index) == ["mine-a.png", "mine-b.jpg", "mine-sub/c.png"]
@@ -178,30 +186,65 @@ def test_folder_importer_fails_whole_on_a_missing_image(tmp_path):
 
 def test_bench_scores_a_known_table():
     bench = load_bench()
-    kinds = ["in_domain", "in_domain", "in_domain", "duplicate_exact", "duplicate_near", "wrong_class",
-             "out_of_domain", "leak", "leak", "dead", "corrupt", "out_of_domain", "in_domain"]
-    outcomes = ["kept", "kept", "distance", "kept", "kept", "kept", "distance", "leak", "kept", "fetch_error",
-                "fetch_error", "leak", "distance"]
+    kinds = [
+        "in_domain",
+        "in_domain",
+        "in_domain",
+        "duplicate_exact",
+        "duplicate_near",
+        "wrong_class",
+        "out_of_domain",
+        "leak",
+        "leak",
+        "dead",
+        "corrupt",
+        "out_of_domain",
+        "in_domain",
+    ]
+    outcomes = [
+        "kept",
+        "kept",
+        "distance",
+        "kept",
+        "kept",
+        "kept",
+        "distance",
+        "leak",
+        "kept",
+        "fetch_error",
+        "fetch_error",
+        "leak",
+        "distance",
+    ]
     urls = [f"u{i}" for i in range(1, 14)]
-    truth = pd.DataFrame({
-        "url": urls, "kind": kinds,
-        "true_digit": ["3", "4", "7", "3", "7", "5", None, "1", "2", None, None, None, "0"],
-        "fg_color": ["red", "blue", "white", "red", "white", "red", None, "red", "red", None, None, None, "black"],
-        "duplicate_of": [None, None, None, "u1", "u3", *[None] * 8],
-    })
+    truth = pd.DataFrame(
+        {
+            "url": urls,
+            "kind": kinds,
+            "true_digit": ["3", "4", "7", "3", "7", "5", None, "1", "2", None, None, None, "0"],
+            "fg_color": ["red", "blue", "white", "red", "white", "red", None, "red", "red", None, None, None, "black"],
+            "duplicate_of": [None, None, None, "u1", "u3", *[None] * 8],
+        }
+    )
     decisions = pd.DataFrame({"url": [*urls, "file:///elsewhere"], "outcome": [*outcomes, "kept"]})
-    curated = pd.DataFrame({
-        "url": ["u1", "u2", "u4", "u5", "u6", "u9"],
-        "neighbor_captions": [
-            ["a red 3 on a plain blue background", "digit five in green over blue dots"],
-            ["a red 4 on a plain white background", "digit four in blue over plain white", "a blue 9 on a plain red background"],
-            ["a green 3 on a dotted red background"],
-            ["the number 7, white on black checks"],
-            ["a red 8 on a plain blue background"],
-            ["a red 2 on a plain blue background"],
-        ],
-        "neighbor_weights": [[0.7, 0.3], [0.6, 0.5, -0.2], [1.0], [1.0], [1.0], [1.0]],
-    })
+    curated = pd.DataFrame(
+        {
+            "url": ["u1", "u2", "u4", "u5", "u6", "u9"],
+            "neighbor_captions": [
+                ["a red 3 on a plain blue background", "digit five in green over blue dots"],
+                [
+                    "a red 4 on a plain white background",
+                    "digit four in blue over plain white",
+                    "a blue 9 on a plain red background",
+                ],
+                ["a green 3 on a dotted red background"],
+                ["the number 7, white on black checks"],
+                ["a red 8 on a plain blue background"],
+                ["a red 2 on a plain blue background"],
+            ],
+            "neighbor_weights": [[0.7, 0.3], [0.6, 0.5, -0.2], [1.0], [1.0], [1.0], [1.0]],
+        }
+    )
     result = bench.score(truth, decisions, curated)
     assert result["kept"] == {"kept": 6, "true_positives": 3, "groups_to_keep": 4, "precision": 0.5, "recall": 0.75}
     assert result["baseline_keep_fetched"]["precision"] == pytest.approx(4 / 11)
@@ -227,12 +270,24 @@ def test_bench_reads_the_pipeline_files_and_explains_what_is_missing(demo_run, t
     write_table(decisions, paths.decisions, DECISION_SCHEMA)
     kept = truth[oracle]
     captions = [[f"a {fg} {d} on a plain white background"] for d, fg in zip(kept.true_digit, kept.fg_color)]
-    shard = pd.DataFrame({
-        "id": kept.url, "image": [b""] * len(kept), "width": 1, "height": 1, "captions": [[]] * len(kept),
-        "split": "extra", "class": kept.query_digit, "source": "demo_web", "url": kept.url, "sha256": "",
-        "text_embedding": [[0.0]] * len(kept), "neighbor_ids": [["demo-00000"]] * len(kept),
-        "neighbor_weights": [[1.0]] * len(kept), "neighbor_captions": captions,
-    })
+    shard = pd.DataFrame(
+        {
+            "id": kept.url,
+            "image": [b""] * len(kept),
+            "width": 1,
+            "height": 1,
+            "captions": [[]] * len(kept),
+            "split": "extra",
+            "class": kept.query_digit,
+            "source": "demo_web",
+            "url": kept.url,
+            "sha256": "",
+            "text_embedding": [[0.0]] * len(kept),
+            "neighbor_ids": [["demo-00000"]] * len(kept),
+            "neighbor_weights": [[1.0]] * len(kept),
+            "neighbor_captions": captions,
+        }
+    )
     shard = pa.Table.from_pandas(shard, schema=CURATED_SCHEMA, preserve_index=False)
     write_table(shard, paths.curated_shards / "0.parquet", CURATED_SCHEMA)
     assert bench.main(["--root", str(paths.root)]) == 0

@@ -1,5 +1,6 @@
 """The seed importers on small fixtures in each dataset's real layout and file formats: CUB-200-2011 with Reed et al.
 captions and pickled split lists, Oxford-102 with .mat files, COCO captions JSON, and a plain folder."""
+
 from __future__ import annotations
 
 import io
@@ -23,8 +24,11 @@ from dextra.pipeline.shards import file_sha256, read_table
 from .conftest import REPO
 
 CUB_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
-CUB_TRAIN = [f"{CUB_CLASSES[0]}/Black_Footed_Albatross_0046_18", f"{CUB_CLASSES[0]}/Black_Footed_Albatross_0009_34",
-             f"{CUB_CLASSES[1]}/Laysan_Albatross_0002_1027"]
+CUB_TRAIN = [
+    f"{CUB_CLASSES[0]}/Black_Footed_Albatross_0046_18",
+    f"{CUB_CLASSES[0]}/Black_Footed_Albatross_0009_34",
+    f"{CUB_CLASSES[1]}/Laysan_Albatross_0002_1027",
+]
 CUB_TEST = [f"{CUB_CLASSES[1]}/Laysan_Albatross_0033_658"]
 
 
@@ -70,7 +74,8 @@ def make_cub(root: Path, images="images", text="text") -> Path:
     (index / "images.txt").write_text("".join(f"{i} {k}.jpg\n" for i, k in enumerate(keys, 1)))
     (index / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(CUB_CLASSES, 1)))
     (index / "image_class_labels.txt").write_text(
-        "".join(f"{i} {CUB_CLASSES.index(k.split('/')[0]) + 1}\n" for i, k in enumerate(keys, 1)))
+        "".join(f"{i} {CUB_CLASSES.index(k.split('/')[0]) + 1}\n" for i, k in enumerate(keys, 1))
+    )
     (index / "train_test_split.txt").write_text("".join(f"{i} {int(i > 2)}\n" for i in range(1, len(keys) + 1)))
     return root
 
@@ -127,14 +132,17 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(cub, tmp_pat
     assert marker.exists()
 
 
-@pytest.mark.parametrize("content, protocol, message", [
-    ({"train": CUB_TRAIN}, 2, "holds dict"),
-    ([CUB_TRAIN[0], 7], 2, "holds a list holding int"),
-    ([b"001.x/y"], 4, "holds a list holding bytes"),
-    ([b"001.x/y"], 2, "refers to _codecs.encode"),  # protocol 2 builds bytes by calling a function
-    (["../../etc/passwd"], 2, "is not \"<class>/<image>\""),
-    ([CUB_TRAIN[0], CUB_TRAIN[0]], 2, "listed twice"),
-])
+@pytest.mark.parametrize(
+    "content, protocol, message",
+    [
+        ({"train": CUB_TRAIN}, 2, "holds dict"),
+        ([CUB_TRAIN[0], 7], 2, "holds a list holding int"),
+        ([b"001.x/y"], 4, "holds a list holding bytes"),
+        ([b"001.x/y"], 2, "refers to _codecs.encode"),  # protocol 2 builds bytes by calling a function
+        (["../../etc/passwd"], 2, 'is not "<class>/<image>"'),
+        ([CUB_TRAIN[0], CUB_TRAIN[0]], 2, "listed twice"),
+    ],
+)
 def test_cub_rejects_split_lists_that_are_not_class_image_names(cub, content, protocol, message):
     paths, folder, params = cub
     pickle_list(folder / "train" / "filenames.pickle", content, protocol)
@@ -177,21 +185,26 @@ def test_cub_missing_image_and_split_list_name_the_file(cub):
     paths, folder, params = cub
     image = folder / "images" / f"{CUB_TRAIN[1]}.jpg"
     image.unlink()
-    with pytest.raises(InputError, match=f"{image}: image not found \\(listed in {folder / 'train' / 'filenames.pickle'}\\)"):
+    with pytest.raises(
+        InputError, match=f"{image}: image not found \\(listed in {folder / 'train' / 'filenames.pickle'}\\)"
+    ):
         seed.run(params, paths)
     (folder / "test" / "filenames.pickle").unlink()
     with pytest.raises(InputError, match=r"test/filenames\.pickle: file not found \(expected a pickled list"):
         seed.run(params, paths)
 
 
-@pytest.mark.parametrize("file, text, message", [
-    ("train_test_split.txt", "1 0\n2 0\n3 1\n", r"train_test_split\.txt: no line for image 4"),
-    ("train_test_split.txt", "1 0\n2 0\n3 1\n4 2\n", r"image 4: '2', expected 1 \(train\) or 0 \(test\)"),
-    ("image_class_labels.txt", "1 1\n2 1\n3 9\n4 2\n", r"classes\.txt: no line for class id 9"),
-    ("images.txt", "1 a.jpg\n1 b.jpg\n", r"images\.txt: line 2: id 1 appears twice"),
-    ("classes.txt", "1\n", r"classes\.txt: line 1: '1' is not '<class id> <class name>'"),
-    ("classes.txt", "", r"classes\.txt: empty"),
-])
+@pytest.mark.parametrize(
+    "file, text, message",
+    [
+        ("train_test_split.txt", "1 0\n2 0\n3 1\n", r"train_test_split\.txt: no line for image 4"),
+        ("train_test_split.txt", "1 0\n2 0\n3 1\n4 2\n", r"image 4: '2', expected 1 \(train\) or 0 \(test\)"),
+        ("image_class_labels.txt", "1 1\n2 1\n3 9\n4 2\n", r"classes\.txt: no line for class id 9"),
+        ("images.txt", "1 a.jpg\n1 b.jpg\n", r"images\.txt: line 2: id 1 appears twice"),
+        ("classes.txt", "1\n", r"classes\.txt: line 1: '1' is not '<class id> <class name>'"),
+        ("classes.txt", "", r"classes\.txt: empty"),
+    ],
+)
 def test_cub_official_index_files_are_checked(tmp_path, make_params, file, text, message):
     folder = make_cub(tmp_path / "cub")
     (folder / file).write_text(text)
@@ -213,8 +226,14 @@ def make_oxford(root: Path) -> Path:
         text.parent.mkdir(parents=True, exist_ok=True)
         text.write_text(ten_captions(name))
     scipy.io.savemat(root / "imagelabels.mat", {"labels": np.array([OXFORD_LABELS], np.uint8)})
-    scipy.io.savemat(root / "setid.mat", {"trnid": np.array([[1, 3]], np.uint16), "valid": np.array([[5]], np.uint16),
-                                         "tstid": np.array([[2, 4, 6]], np.uint16)})
+    scipy.io.savemat(
+        root / "setid.mat",
+        {
+            "trnid": np.array([[1, 3]], np.uint16),
+            "valid": np.array([[5]], np.uint16),
+            "tstid": np.array([[2, 4, 6]], np.uint16),
+        },
+    )
     return root
 
 
@@ -230,7 +249,14 @@ def test_oxford_reads_the_mat_files_and_reed_captions(oxford):
     summary = seed.run(params, paths)
     got = rows(paths)
     assert sorted(got) == [f"flowers-image_{n:05d}" for n in range(1, 7)]
-    assert [got[f"flowers-image_{n:05d}"]["split"] for n in range(1, 7)] == ["train", "test", "train", "test", "train", "test"]
+    assert [got[f"flowers-image_{n:05d}"]["split"] for n in range(1, 7)] == [
+        "train",
+        "test",
+        "train",
+        "test",
+        "train",
+        "test",
+    ]
     assert [got[f"flowers-image_{n:05d}"]["class"] for n in range(1, 7)] == [f"class_{c:05d}" for c in OXFORD_LABELS]
     assert (summary["train"], summary["test"], summary["classes"]) == (3, 3, 3)
     assert got["flowers-image_00002"]["captions"][9] == "caption 9 of image_00002"
@@ -239,15 +265,26 @@ def test_oxford_reads_the_mat_files_and_reed_captions(oxford):
     assert (grey.format, grey.mode, grey.size) == ("PNG", "RGB", (24, 16))
 
 
-@pytest.mark.parametrize("file, content, message", [
-    ("setid.mat", {"trnid": [[1, 9]], "valid": [[5]], "tstid": [[2]]}, r"setid\.mat: 'trnid' names image 9, but .*labels only 6"),
-    ("setid.mat", {"trnid": [[1, 2]], "valid": [[2]], "tstid": [[3]]}, r"image 2 is in more than one of trnid, valid, tstid"),
-    ("setid.mat", {"trnid": [[1]], "tstid": [[2]]}, r"setid\.mat: no variable 'valid'"),
-    ("imagelabels.mat", {"labels": [[1.5, 2]]}, r"'labels' is not a list of positive whole numbers"),
-    ("imagelabels.mat", {"labels": [[0, 2]]}, r"'labels' is not a list of positive whole numbers"),
-    ("imagelabels.mat", b"MATLAB garbage", r"imagelabels\.mat: not a readable MATLAB file"),
-    ("imagelabels.mat", None, r"imagelabels\.mat: file not found \(expected 'labels'"),
-])
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        (
+            "setid.mat",
+            {"trnid": [[1, 9]], "valid": [[5]], "tstid": [[2]]},
+            r"setid\.mat: 'trnid' names image 9, but .*labels only 6",
+        ),
+        (
+            "setid.mat",
+            {"trnid": [[1, 2]], "valid": [[2]], "tstid": [[3]]},
+            r"image 2 is in more than one of trnid, valid, tstid",
+        ),
+        ("setid.mat", {"trnid": [[1]], "tstid": [[2]]}, r"setid\.mat: no variable 'valid'"),
+        ("imagelabels.mat", {"labels": [[1.5, 2]]}, r"'labels' is not a list of positive whole numbers"),
+        ("imagelabels.mat", {"labels": [[0, 2]]}, r"'labels' is not a list of positive whole numbers"),
+        ("imagelabels.mat", b"MATLAB garbage", r"imagelabels\.mat: not a readable MATLAB file"),
+        ("imagelabels.mat", None, r"imagelabels\.mat: file not found \(expected 'labels'"),
+    ],
+)
 def test_oxford_mat_files_are_checked(oxford, file, content, message):
     paths, folder, params = oxford
     if content is None:
@@ -273,7 +310,9 @@ def make_coco(root: Path) -> Path:
     """COCO 2014 captions: two JSON files in the release's shape and the two image folders."""
     splits = {"train2014": [9, 25, 30, 34], "val2014": [42, 73]}
     for split, ids in splits.items():
-        images = [{"id": i, "file_name": f"COCO_{split}_{i:012d}.jpg", "width": 24, "height": 16, "license": 1} for i in ids]
+        images = [
+            {"id": i, "file_name": f"COCO_{split}_{i:012d}.jpg", "width": 24, "height": 16, "license": 1} for i in ids
+        ]
         notes, n = [], 0
         for i in ids[:-1] if split == "train2014" else ids:  # the last train image has no caption
             for k in range(2):
@@ -298,8 +337,9 @@ def test_coco_train2014_is_train_val2014_is_test(coco):
     paths, folder, params = coco
     summary = seed.run(params, paths)
     got = rows(paths)
-    assert sorted(got) == sorted([f"coco-COCO_train2014_{i:012d}" for i in (9, 25, 30)] +
-                                 [f"coco-COCO_val2014_{i:012d}" for i in (42, 73)])
+    assert sorted(got) == sorted(
+        [f"coco-COCO_train2014_{i:012d}" for i in (9, 25, 30)] + [f"coco-COCO_val2014_{i:012d}" for i in (42, 73)]
+    )
     assert summary == {"importer": "coco", "train": 3, "test": 2, "classes": 0, "uncaptioned": 1}
     row = got["coco-COCO_val2014_000000000042"]
     assert row["split"] == "test" and row["class"] is None
@@ -323,13 +363,19 @@ def test_coco_subset_is_fixed_by_its_own_seed_and_nested(coco, make_params, tmp_
     assert len(draws) > 1
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["annotations"].append({"image_id": 999, "caption": "x"}), r"annotations\[\d+\]: image_id 999 is not in 'images'"),
-    (lambda d: d["images"].append({"id": 9, "file_name": "again.jpg"}), r"images\[4\]: id 9 appears twice"),
-    (lambda d: d["images"].append({"file_name": "x.jpg"}), r"images\[4\] has no integer 'id'"),
-    (lambda d: d["annotations"].append({"image_id": 9, "caption": " \n"}), r"annotations\[6\]: empty caption"),
-    (lambda d: d.pop("annotations"), r"no 'images' and 'annotations' lists"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda d: d["annotations"].append({"image_id": 999, "caption": "x"}),
+            r"annotations\[\d+\]: image_id 999 is not in 'images'",
+        ),
+        (lambda d: d["images"].append({"id": 9, "file_name": "again.jpg"}), r"images\[4\]: id 9 appears twice"),
+        (lambda d: d["images"].append({"file_name": "x.jpg"}), r"images\[4\] has no integer 'id'"),
+        (lambda d: d["annotations"].append({"image_id": 9, "caption": " \n"}), r"annotations\[6\]: empty caption"),
+        (lambda d: d.pop("annotations"), r"no 'images' and 'annotations' lists"),
+    ],
+)
 def test_coco_json_is_checked(coco, mutate, message):
     paths, folder, params = coco
     path = folder / "annotations" / "captions_train2014.json"
@@ -360,8 +406,9 @@ def test_folder_images_are_kept_or_reencoded_upright(tmp_path, make_params):
     save_jpeg(photos / "rotated.jpg", (10, 200, 10), size=(30, 20), exif=exif.tobytes())
     save_jpeg(photos / "cmyk.jpg", (0, 0, 0, 255), size=(8, 8), mode="CMYK")
     (photos / "cut.jpg").write_bytes(kept.read_bytes()[:200])
-    (photos / "captions.csv").write_text("filename,caption,split\nkept.jpg,red,train\nrotated.jpg,green,test\n"
-                                         "cmyk.jpg,black,train\n")
+    (photos / "captions.csv").write_text(
+        "filename,caption,split\nkept.jpg,red,train\nrotated.jpg,green,test\ncmyk.jpg,black,train\n"
+    )
     paths = write_manifest(tmp_path, "mine", {"importer": "folder", "path": "photos"})
     seed.run(make_params(dataset="mine"), paths)
     got = rows(paths)
@@ -383,14 +430,17 @@ def test_a_missing_dataset_folder_names_it_and_the_manifest(tmp_path, make_param
         seed.run(make_params(dataset="gone"), paths)
 
 
-@pytest.mark.parametrize("block, message", [
-    ({"importer": "imagenet", "path": "x"}, r"seed: Input tag 'imagenet' .* does not match"),
-    ({"importer": "cub"}, r"seed\.cub\.path: Field required"),
-    ({"importer": "cub", "path": "x", "split": "random"}, r"seed\.cub\.split"),
-    ({"importer": "demo", "subset": {"train": 5}}, r"seed\.demo\.subset: Extra inputs"),
-    ({"importer": "coco", "path": "x", "subset": {"train": 0}}, r"seed\.coco\.subset\.train"),
-    ({"importer": "oxford", "path": "x", "captions_dir": "t"}, r"seed\.oxford\.captions_dir: Extra inputs"),
-])
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"importer": "imagenet", "path": "x"}, r"seed: Input tag 'imagenet' .* does not match"),
+        ({"importer": "cub"}, r"seed\.cub\.path: Field required"),
+        ({"importer": "cub", "path": "x", "split": "random"}, r"seed\.cub\.split"),
+        ({"importer": "demo", "subset": {"train": 5}}, r"seed\.demo\.subset: Extra inputs"),
+        ({"importer": "coco", "path": "x", "subset": {"train": 0}}, r"seed\.coco\.subset\.train"),
+        ({"importer": "oxford", "path": "x", "captions_dir": "t"}, r"seed\.oxford\.captions_dir: Extra inputs"),
+    ],
+)
 def test_manifest_seed_blocks_are_validated(tmp_path, block, message):
     paths = write_manifest(tmp_path, "bad", block)
     with pytest.raises(ParamsError, match=message):

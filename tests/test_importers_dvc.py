@@ -1,5 +1,6 @@
 """`dvc repro` with `dataset: folder`: a small fixture folder as the seed set and a URL list served by a loopback
 HTTP server started here, through `curate`."""
+
 import io
 import shutil
 import subprocess
@@ -53,7 +54,7 @@ def make_seed_folder(folder, rng) -> int:
             name = f"{colour}/{i}.png"
             (folder / colour).mkdir(exist_ok=True)
             picture(colour, rng, 32).save(folder / name)
-            lines += [f"{name},a {colour} {SHAPES[colour]},{colour}", f"{name},\"{SHAPES[colour]}, {colour}\",{colour}"]
+            lines += [f"{name},a {colour} {SHAPES[colour]},{colour}", f'{name},"{SHAPES[colour]}, {colour}",{colour}']
     (folder / "captions.csv").write_text("\n".join(lines) + "\n")
     return 8 * len(COLOURS)
 
@@ -112,8 +113,13 @@ def make_url_list(path, web, rng) -> dict[str, str]:
 
 def copy_project(dest) -> None:
     """The working tree's files (tracked and new, not ignored): dvc.yaml, params, manifests, code."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for name in listed:
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +143,14 @@ def test_dvc_repro_on_a_folder_seed_and_a_loopback_url_list_runs_through_curate(
     params = params_dict(
         dataset="folder",
         fetch={"processes": 1, "threads": 4, "timeout_s": 5, "allow_addresses": ["127.0.0.1"]},
-        clip={"model": "dextra-digits-tiny", "train_epochs": 2, "batch_size": 8, "lr": 0.001, "augment": False, "class_loss_weight": 0.0},
+        clip={
+            "model": "dextra-digits-tiny",
+            "train_epochs": 2,
+            "batch_size": 8,
+            "lr": 0.001,
+            "augment": False,
+            "class_loss_weight": 0.0,
+        },
         # Two epochs of CLIP on 19 photos cannot classify: judge by distance to the seed (the flow is under test here).
         curate={"cluster_detector": False, "class_detector": False, "distance_detector": "on"},
     )
@@ -162,7 +175,9 @@ def test_dvc_repro_on_a_folder_seed_and_a_loopback_url_list_runs_through_curate(
     assert kept and all(kinds[url] in ("in_domain", "copy") for url in kept)
     curated = pq.read_table(project / "data" / "curated" / "shards").to_pylist()
     assert sorted(r["url"] for r in curated) == sorted(kept)
-    assert all(r["split"] == "extra" and r["text_embedding"] and r["neighbor_ids"][0].startswith("folder-") for r in curated)
+    assert all(
+        r["split"] == "extra" and r["text_embedding"] and r["neighbor_ids"][0].startswith("folder-") for r in curated
+    )
     assert all(n == 1 for n in web.requests.values()) and len(web.requests) == len(kinds)
 
     assert stages_run(dvc(project, "repro", "curate")) == []

@@ -56,8 +56,19 @@ def test_cli_bad_param_exits_2_with_one_line_and_writes_nothing(tmp_path, params
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     before = sorted(p.name for p in tmp_path.iterdir())
     result = subprocess.run(
-        [sys.executable, "-m", "dextra.pipeline.cli", "clip", "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "dextra.pipeline.cli",
+            "clip",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -71,5 +82,7 @@ def test_cli_help_explains_every_stage():
     text = build_parser().format_help()
     for stage in STAGES:
         assert stage in text
-    result = subprocess.run([sys.executable, "-m", "dextra.pipeline.cli", "curate", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "dextra.pipeline.cli", "curate", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "decisions.parquet" in result.stdout

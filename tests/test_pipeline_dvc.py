@@ -1,5 +1,6 @@
 """End to end through DVC on a small copy of the project: every stage runs for real, a second `dvc repro` does
 nothing, and a changed param re-runs only the stages downstream of it."""
+
 import json
 import shutil
 import subprocess
@@ -45,11 +46,17 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
             shutil.copy2(REPO / name, tmp_path / name)
     (tmp_path / "dvc.lock").unlink(missing_ok=True)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict(**SMALL), sort_keys=False))
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         subprocess.run(command, cwd=tmp_path, check=True)  # dvclive needs a commit to stand on
 
     first = stages_run(dvc(tmp_path, "repro"))
-    assert sorted(first) == sorted(["seed", "urls", "fetch", "clip", "embed", "curate", "report", "pretrain", "finetune", "baseline", "evaluate"])
+    assert sorted(first) == sorted(
+        ["seed", "urls", "fetch", "clip", "embed", "curate", "report", "pretrain", "finetune", "baseline", "evaluate"]
+    )
     assert first[-1] == "evaluate" and first.index("finetune") > first.index("pretrain")
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert {"clip_fd", "clip_score", "gt_clip_score", "seed_only", "difference"} <= metrics.keys()
@@ -57,7 +64,9 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
     assert decisions.num_rows == 200  # one row per crawled URL
     assert (tmp_path / "data" / "report" / "index.html").stat().st_size > 1000
     if have_browser():  # the pipeline's own report, as a person opens it
-        check_in_browser(Paths(tmp_path), tmp_path / "browser", gallery_size=params_dict(**SMALL)["report"]["gallery_size"])
+        check_in_browser(
+            Paths(tmp_path), tmp_path / "browser", gallery_size=params_dict(**SMALL)["report"]["gallery_size"]
+        )
     shown = dvc(tmp_path, "metrics", "show")
     assert "clip_fd" in shown and "seed_only.clip_fd" in shown and "difference.clip_fd" in shown
     plots = dvc(tmp_path, "plots", "show", "--json")
@@ -72,5 +81,9 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
 
     changed["finetune"]["steps"] = 12
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-    assert stages_run(dvc(tmp_path, "repro")) == ["finetune", "baseline", "evaluate"]  # the baseline trains as long as both
+    assert stages_run(dvc(tmp_path, "repro")) == [
+        "finetune",
+        "baseline",
+        "evaluate",
+    ]  # the baseline trains as long as both
     assert "clip_fd" in dvc(tmp_path, "metrics", "diff")

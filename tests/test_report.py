@@ -3,6 +3,7 @@ chromium-driver, which .ci/run installs), every image loaded, the counts equal t
 
 Where Chromium is not installed the browser test is skipped, except under CI (CI=true), where that is a failure.
 Set DEXTRA_SCREENSHOTS=<folder> to keep the full-page screenshot."""
+
 from __future__ import annotations
 
 import collections
@@ -35,19 +36,30 @@ def curated_project(tmp_path_factory):
 
 
 def decision_counts(paths) -> dict[str, int]:
-    return dict(collections.Counter(read_table(paths.decisions, DECISION_SCHEMA, columns=["outcome"]).column("outcome").to_pylist()))
+    return dict(
+        collections.Counter(
+            read_table(paths.decisions, DECISION_SCHEMA, columns=["outcome"]).column("outcome").to_pylist()
+        )
+    )
 
 
 def test_report_is_one_self_contained_file_with_every_outcome(curated_project):
     paths, _ = curated_project
     page = (paths.report / "index.html").read_text()
     assert not re.search(r"""(src|href)=["'](?!data:|#)""", page), "everything is inline: the page opens from disk"
-    shown = {m[0]: int(m[1]) for m in re.findall(r"<tr data-outcome='(\w+)'><td>\w+</td><td class='count'>(\d+)</td>", page)}
+    shown = {
+        m[0]: int(m[1]) for m in re.findall(r"<tr data-outcome='(\w+)'><td>\w+</td><td class='count'>(\d+)</td>", page)
+    }
     expected = decision_counts(paths)
     assert shown == {o: expected.get(o, 0) for o in DECISION_OUTCOMES}
     assert "data-leak-of='t2'" in page  # the leak beside the seed test image it copies
     histograms = sorted(p.name for p in (paths.live("report") / "plots" / "images").iterdir())
-    assert histograms == ["class_confidence.png", "cluster_similarity.png", "leak_hash_distance.png", "seed_similarity.png"]
+    assert histograms == [
+        "class_confidence.png",
+        "cluster_similarity.png",
+        "leak_hash_distance.png",
+        "seed_similarity.png",
+    ]
 
 
 def test_report_needs_curate_first(tmp_path, make_params):
@@ -75,8 +87,18 @@ def chromium(tmp_path: Path):
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     # No network is reachable here: the background-networking flags keep Chromium from trying.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1366,900", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1366,900",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
@@ -100,9 +122,13 @@ def check_in_browser(paths, tmp_path: Path, gallery_size: int) -> Path:
         )
         expected = decision_counts(paths)
         assert shown == {o: expected.get(o, 0) for o in DECISION_OUTCOMES}
-        pairs = driver.execute_script("return Array.from(document.querySelectorAll('.pair')).map(p => [p.dataset.leakOf, p.querySelectorAll('img').length])")
+        pairs = driver.execute_script(
+            "return Array.from(document.querySelectorAll('.pair')).map(p => [p.dataset.leakOf, p.querySelectorAll('img').length])"
+        )
         leaks = read_table(paths.decisions, DECISION_SCHEMA, columns=["outcome", "leak_of"]).to_pylist()
-        assert {p[0] for p in pairs} <= {r["leak_of"] for r in leaks if r["outcome"] == "leak"} and all(p[1] == 2 for p in pairs)
+        assert {p[0] for p in pairs} <= {r["leak_of"] for r in leaks if r["outcome"] == "leak"} and all(
+            p[1] == 2 for p in pairs
+        )
         assert len(pairs) == min(expected.get("leak", 0), gallery_size)
         # Readable on a laptop: nothing wider than the window.
         assert driver.execute_script("return document.documentElement.scrollWidth") <= 1366

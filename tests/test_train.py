@@ -1,6 +1,7 @@
 """pretrain / finetune / evaluate on tiny fixtures: real diffusers models and real (short) training runs.
 
 Resuming after SIGKILL under DVC and the 2-process run are in test_train_scale.py (slow)."""
+
 from __future__ import annotations
 
 import io
@@ -23,7 +24,8 @@ from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.params import parse_params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import IMAGE_SCHEMA, read_embeddings, sha256_hex, write_embeddings, write_table
-from dextra.train import baseline, checkpoint, data as data_module, evaluate, finetune, pretrain
+from dextra.train import baseline, checkpoint, evaluate, finetune, pretrain
+from dextra.train import data as data_module
 from dextra.train.data import DataStream, Encoding, cache_dir, load_extra, load_seed
 from dextra.train.metrics import ClipFeatures, clip_fd, clip_frechet, clip_score, inception_fid
 from dextra.train.model import ConditionProjector, Denoiser, TokenConditioner, build_denoiser, load_vae
@@ -100,8 +102,12 @@ def write_curated(paths: Paths, n: int = 32, shard: str = "part-0", seed: int = 
     directions = unit(np.random.default_rng(1), 2)
     ids = [f"{shard}-web{i}" for i in range(n)]
     table = image_table(ids, [png(COLOURS[k], 24, rng) for k in labels], [["x"]] * n, "extra")
-    table = table.append_column("text_embedding", pa.array([directions[k].astype(np.float16) for k in labels], pa.list_(pa.float16())))
-    table = table.append_column("neighbor_captions", pa.array([[f"a {NAMES[1 - k]} square", f"a {NAMES[k]} square"] for k in labels]))
+    table = table.append_column(
+        "text_embedding", pa.array([directions[k].astype(np.float16) for k in labels], pa.list_(pa.float16()))
+    )
+    table = table.append_column(
+        "neighbor_captions", pa.array([[f"a {NAMES[1 - k]} square", f"a {NAMES[k]} square"] for k in labels])
+    )
     table = table.append_column("neighbor_weights", pa.array([[0.2, 0.8]] * n, pa.list_(pa.float32())))
     write_table(table, paths.curated_shards / f"{shard}.parquet")
     write_embeddings(paths.embedding_file("crawl_images", shard), ids, directions[labels])
@@ -161,7 +167,9 @@ def chain(tmp_path_factory):
     paths = Paths(tmp_path_factory.mktemp("root"))
     params = make_params(train=dict(monitor_samples=6, checkpoint_every=5), evaluate=dict(baseline=True))
     write_all(paths, params)
-    summaries = {stage.__name__.rsplit(".", 1)[1]: stage.run(params, paths) for stage in (pretrain, finetune, baseline, evaluate)}
+    summaries = {
+        stage.__name__.rsplit(".", 1)[1]: stage.run(params, paths) for stage in (pretrain, finetune, baseline, evaluate)
+    }
     return paths, params, summaries
 
 
@@ -183,7 +191,9 @@ def test_pretrain_learns_the_condition(tmp_path):
     # Sampled from noise, the red condition gives red squares and the blue one blue squares.
     model = Denoiser.load(paths.model("pretrain")).eval()
     scheduler = DDIMScheduler.from_pretrained(paths.model("pretrain") / "scheduler")
-    images = sample(model, scheduler, torch.from_numpy(np.stack([red, blue])), 10, 2.0, torch.Generator().manual_seed(0))
+    images = sample(
+        model, scheduler, torch.from_numpy(np.stack([red, blue])), 10, 2.0, torch.Generator().manual_seed(0)
+    )
     red_minus_blue = (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
     assert red_minus_blue[0] > 0.2 and red_minus_blue[1] < -0.2, red_minus_blue
 
@@ -200,7 +210,11 @@ def test_finetune_starts_from_pretrain_ema(chain, tmp_path):
     paths, params, _ = chain
     # A one-step finetune with a negligible learning rate must hand back pretrain's EMA weights unchanged.
     warm = Paths(tmp_path)
-    for source, target in ((paths.model("pretrain"), warm.model("pretrain")), (paths.seed, warm.seed), (paths.embeddings, warm.embeddings)):
+    for source, target in (
+        (paths.model("pretrain"), warm.model("pretrain")),
+        (paths.seed, warm.seed),
+        (paths.embeddings, warm.embeddings),
+    ):
         shutil.copytree(source, target)
     finetune.run(make_params(finetune=dict(steps=1, lr=1e-12, warmup_steps=0)), warm)
     pretrained, finetuned = state(Denoiser.load(warm.model("pretrain"))), state(Denoiser.load(warm.model("finetune")))
@@ -230,7 +244,15 @@ def test_guidance_endpoints(backbone):
 def test_evaluate_writes_metrics_and_samples(chain):
     paths, params, summaries = chain
     result = json.loads((paths.metrics / "eval.json").read_text())
-    assert set(result) == {"clip_fd", "clip_score", "gt_clip_score", "num_samples", "guidance_scale", "seed_only", "difference"}
+    assert set(result) == {
+        "clip_fd",
+        "clip_score",
+        "gt_clip_score",
+        "num_samples",
+        "guidance_scale",
+        "seed_only",
+        "difference",
+    }
     assert all(math.isfinite(result[k]) for k in ("clip_fd", "clip_score", "gt_clip_score"))
     assert result["num_samples"] == 12 and result["guidance_scale"] == 2.0
     assert result == summaries["evaluate"]
@@ -310,7 +332,9 @@ def test_clip_score_is_the_mean_clipped_cosine_of_each_pair(chain):
     expected = float(100 * cosines.clamp(min=0).mean())
     assert clip_score(bundle, images, captions, batch_size=4) == pytest.approx(expected, rel=1e-5)
     order = [5, 3, 1, 0, 2, 4]  # moving pairs together keeps the score; splitting them changes it
-    assert clip_score(bundle, images[order], [captions[i] for i in order], batch_size=4) == pytest.approx(expected, rel=1e-5)
+    assert clip_score(bundle, images[order], [captions[i] for i in order], batch_size=4) == pytest.approx(
+        expected, rel=1e-5
+    )
     assert clip_score(bundle, images, [captions[i] for i in order], batch_size=4) != pytest.approx(expected, rel=1e-3)
     assert 0 <= expected <= 100
 
@@ -372,7 +396,9 @@ def test_image_conditioning_trains_on_clip_image_embeddings_and_samples_from_cap
 @pytest.mark.parametrize("trainable", [False, True])
 def test_tokens_conditioning_runs_clip_text_transformer(tmp_path, trainable):
     paths = Paths(tmp_path)
-    params = make_params(train=dict(conditioning="tokens", train_text_encoder=trainable), pretrain=dict(steps=3, lr=1e-2, warmup_steps=0))
+    params = make_params(
+        train=dict(conditioning="tokens", train_text_encoder=trainable), pretrain=dict(steps=3, lr=1e-2, warmup_steps=0)
+    )
     write_all(paths, params)
     bundle = clip_stage.load_clip(paths.clip)
     extra = load_extra(paths, Encoding.create(paths, 16, "tokens"))
@@ -397,7 +423,10 @@ def test_dit_backbone_trains_and_samples(tmp_path):
     write_curated(paths)
     pretrain.run(make_params(train=dict(backbone="dit"), pretrain=dict(steps=3)), paths)
     model = Denoiser.load(paths.model("pretrain"))
-    assert isinstance(model.backbone, PixArtTransformer2DModel) and (paths.model("pretrain") / "transformer" / "config.json").exists()
+    assert (
+        isinstance(model.backbone, PixArtTransformer2DModel)
+        and (paths.model("pretrain") / "transformer" / "config.json").exists()
+    )
     scheduler = DDIMScheduler.from_pretrained(paths.model("pretrain") / "scheduler")
     images = sample(model.eval(), scheduler, torch.zeros(2, DIM), 2, 3.0, torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
@@ -405,15 +434,23 @@ def test_dit_backbone_trains_and_samples(tmp_path):
 
 def tiny_vae(folder: Path) -> Path:
     torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                  latent_channels=4, norm_num_groups=4, sample_size=16).save_pretrained(folder)
+    AutoencoderKL(
+        block_out_channels=[8, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(folder)
     return folder
 
 
 def test_latent_space_caches_latents_once_and_decodes_samples(tmp_path):
     paths = Paths(tmp_path / "root")
     vae = tiny_vae(tmp_path / "vae")
-    params = make_params(train=dict(vae=str(vae), random_flip=True, backbone="dit"), pretrain=dict(steps=2), finetune=dict(steps=2))
+    params = make_params(
+        train=dict(vae=str(vae), random_flip=True, backbone="dit"), pretrain=dict(steps=2), finetune=dict(steps=2)
+    )
     write_all(paths, params)
     pretrain.run(params, paths)
     extra = load_extra(paths, Encoding.create(paths, 16, "pooled", load_vae(str(vae)), flip=True))
@@ -434,7 +471,11 @@ def test_images_are_decoded_once_into_a_memory_mapped_cache(tmp_path, monkeypatc
     paths = Paths(tmp_path)
     write_curated(paths)
     first = load_extra(paths, Encoding.create(paths, 16, "pooled"))
-    assert isinstance(first.images[0], np.memmap) and first.images[0].dtype == np.uint8 and first.images[0].shape == (32, 3, 16, 16)
+    assert (
+        isinstance(first.images[0], np.memmap)
+        and first.images[0].dtype == np.uint8
+        and first.images[0].shape == (32, 3, 16, 16)
+    )
     assert isinstance(first.conditions, np.memmap) and first.conditions.dtype == np.float16
 
     # A second load, and training, never decode again: no PIL on the hot path.
@@ -447,7 +488,9 @@ def test_images_are_decoded_once_into_a_memory_mapped_cache(tmp_path, monkeypatc
     monkeypatch.undo()
     decoded = []
     original = data_module.decode_images
-    monkeypatch.setattr(data_module, "decode_images", lambda blobs, *a: decoded.append(len(blobs)) or original(blobs, *a))
+    monkeypatch.setattr(
+        data_module, "decode_images", lambda blobs, *a: decoded.append(len(blobs)) or original(blobs, *a)
+    )
     write_curated(paths, n=5, shard="part-1", seed=7)
     grown = load_extra(paths, Encoding.create(paths, 16, "pooled"))
     assert decoded == [5] and len(grown) == 37 and grown.key != first.key
@@ -494,8 +537,12 @@ def test_data_stream_is_a_function_of_the_position():
     seen = [stream.indices(step * 4 + rank * 2, 2) for step in range(2) for rank in range(2)]
     assert len(set(np.concatenate(seen))) == 8
     # Across the epoch boundary, and from a fresh stream (a resumed run), the same positions give the same images.
-    assert np.array_equal(DataStream(10, 0, "pretrain").indices(8, 4), np.concatenate([epoch0[8:], stream.order(1)[:2]]))
-    assert not np.array_equal(stream.order(1), epoch0) and not np.array_equal(DataStream(10, 0, "finetune").order(0), epoch0)
+    assert np.array_equal(
+        DataStream(10, 0, "pretrain").indices(8, 4), np.concatenate([epoch0[8:], stream.order(1)[:2]])
+    )
+    assert not np.array_equal(stream.order(1), epoch0) and not np.array_equal(
+        DataStream(10, 0, "finetune").order(0), epoch0
+    )
     a, b = stream.generators(8, torch.device("cpu")), DataStream(10, 0, "pretrain").generators(8, torch.device("cpu"))
     assert torch.equal(torch.rand(4, generator=a[1]), torch.rand(4, generator=b[1]))
 
@@ -530,7 +577,14 @@ def test_checkpoint_layout_and_pruning(tmp_path):
     assert [p.name for p in checkpoint.saved(folder)] == ["step-00000006", "step-00000007"]
     assert not list(folder.glob(".*"))
     files = {p.name for p in (folder / "step-00000007").iterdir()}
-    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", checkpoint.EMA_FILE, "custom_checkpoint_1.pkl", checkpoint.STATE} <= files
+    assert {
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        checkpoint.EMA_FILE,
+        "custom_checkpoint_1.pkl",
+        checkpoint.STATE,
+    } <= files
 
     # Fewer steps: it resumes from the newest checkpoint at or before them, and drops the ones past them.
     assert pretrain.run(make_params(train=every_2, pretrain=dict(steps=6)), paths)["resumed_from_step"] == 6
@@ -586,7 +640,9 @@ def test_warm_start_begins_from_the_last_pretrain(tmp_path):
 def test_gradient_accumulation_draws_every_micro_batch(tmp_path):
     paths = Paths(tmp_path)
     write_curated(paths)
-    summary = pretrain.run(make_params(train=dict(gradient_accumulation_steps=3, batch_size=4), pretrain=dict(steps=2)), paths)
+    summary = pretrain.run(
+        make_params(train=dict(gradient_accumulation_steps=3, batch_size=4), pretrain=dict(steps=2)), paths
+    )
     progress = checkpoint.read_progress(checkpoint.saved(checkpoint.checkpoint_dir(paths, "pretrain"))[-1])
     assert summary["steps"] == 2 and progress.position == 2 * 3 * 4
 

@@ -1,4 +1,5 @@
 """The trainer in real processes: killed with SIGKILL under `dvc repro` and resumed, and run by 2 processes (gloo)."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,11 @@ def project(root: Path, params) -> Path:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": stages["pretrain"]}}, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for command in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         subprocess.run(command, cwd=root, check=True)
     return root
 
@@ -60,12 +65,24 @@ def test_killed_dvc_repro_resumes_with_the_same_losses(tmp_path):
     reference = Paths(tmp_path / "reference")
     write_curated(reference)
     (reference.root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    subprocess.run(["dextra", "pretrain", "--root", str(reference.root), "--params", str(reference.root / "params.yaml")],
-                   env=ENV, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        ["dextra", "pretrain", "--root", str(reference.root), "--params", str(reference.root / "params.yaml")],
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
 
     root = project(tmp_path / "project", params)
     folder = checkpoint.checkpoint_dir(Paths(root), "pretrain")
-    running = subprocess.Popen(["dvc", "repro"], cwd=root, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    running = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=root,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (folder / "step-00000010").exists():
         assert running.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
@@ -78,7 +95,10 @@ def test_killed_dvc_repro_resumes_with_the_same_losses(tmp_path):
     resumed = summary(dvc_repro(root))  # DVC empties models/ and dvclive/ but keeps the persist out
     assert resumed["resumed_from_step"] == killed_at and resumed["steps"] == 30
     assert losses(Paths(root)) == losses(reference) and len(losses(reference)) == 30
-    ours, theirs = (load_file(p.model("pretrain") / "unet" / "diffusion_pytorch_model.safetensors") for p in (Paths(root), reference))
+    ours, theirs = (
+        load_file(p.model("pretrain") / "unet" / "diffusion_pytorch_model.safetensors")
+        for p in (Paths(root), reference)
+    )
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
     assert "Running stage" not in dvc_repro(root)  # after a full run, nothing to do
@@ -106,7 +126,11 @@ sys.exit(code)
 @pytest.mark.slow
 def test_two_processes_split_every_batch_and_write_one_checkpoint(tmp_path):
     steps, batch, images = 6, 4, 32
-    params = make_params(device="cpu", train=dict(batch_size=batch, log_every=1, checkpoint_every=3, grid_samples=2), pretrain=dict(steps=steps))
+    params = make_params(
+        device="cpu",
+        train=dict(batch_size=batch, log_every=1, checkpoint_every=3, grid_samples=2),
+        pretrain=dict(steps=steps),
+    )
     paths = Paths(tmp_path)
     write_curated(paths, n=images)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
@@ -114,10 +138,30 @@ def test_two_processes_split_every_batch_and_write_one_checkpoint(tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts one process unless given an MPI hostfile (accelerate 1.15);
     # --multi_gpu launches through torchrun, and the trainer's Accelerator(cpu=True) then picks gloo.
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "worker.py"),
-         "pretrain", "--root", str(tmp_path), "--params", str(tmp_path / "params.yaml")],
-        env=ENV, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(tmp_path / "worker.py"),
+            "pretrain",
+            "--root",
+            str(tmp_path),
+            "--params",
+            str(tmp_path / "params.yaml"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert summary(result.stdout)["processes"] == 2
@@ -132,6 +176,10 @@ def test_two_processes_split_every_batch_and_write_one_checkpoint(tmp_path):
     folder = checkpoint.checkpoint_dir(paths, "pretrain")
     assert [p.name for p in checkpoint.saved(folder)] == ["step-00000003", "step-00000006"]
     files = {p.name for p in (folder / "step-00000006").iterdir()}
-    assert {"model.safetensors", "random_states_0.pkl", "random_states_1.pkl"} <= files  # one checkpoint, each process's RNG
+    assert {
+        "model.safetensors",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    } <= files  # one checkpoint, each process's RNG
     assert checkpoint.read_progress(folder / "step-00000006").position == steps * 2 * batch
     assert (paths.model("pretrain") / "unet" / "config.json").exists()

@@ -2,16 +2,16 @@
 pretrain.steps + finetune.steps steps with pretrain's optimiser settings, so that evaluate can say what the
 extrapolated extra set bought at equal compute. With evaluate.baseline false nothing is trained: the stage only
 leaves a note in each of its outputs, which DVC needs to exist."""
+
 from __future__ import annotations
 
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.params import Params, PhaseParams
 from dextra.pipeline.paths import Paths
-
-from .checkpoint import checkpoint_dir
-from .data import load_seed
-from .pretrain import fresh_model
-from .trainer import make_accelerator, train
+from dextra.train.checkpoint import checkpoint_dir
+from dextra.train.data import load_seed
+from dextra.train.pretrain import fresh_model
+from dextra.train.trainer import make_accelerator, train
 
 NAME = "baseline"
 SKIPPED = "skipped.json"
@@ -23,7 +23,11 @@ def run(params: Params, paths: Paths) -> dict:
             write_json(folder / SKIPPED, {"skipped": "evaluate.baseline is false"})
         return {"skipped": "evaluate.baseline is false"}
     (checkpoint_dir(paths, NAME) / SKIPPED).unlink(missing_ok=True)
-    phase = PhaseParams(steps=params.pretrain.steps + params.finetune.steps, lr=params.pretrain.lr, warmup_steps=params.pretrain.warmup_steps)
+    phase = PhaseParams(
+        steps=params.pretrain.steps + params.finetune.steps,
+        lr=params.pretrain.lr,
+        warmup_steps=params.pretrain.warmup_steps,
+    )
     accelerator = make_accelerator(params)
     model, data, vae = fresh_model(params, paths, accelerator, lambda encoding: load_seed(paths, "train", encoding)[0])
     return train(accelerator, model, data, phase, params, paths, NAME, vae=vae)

@@ -8,6 +8,7 @@ synced and renamed into place, so a kill leaves the whole checkpoint or none of 
 fingerprint (the params that shape training, the data's content, the weights it starts from) resumes a checkpoint;
 the first checkpoint of a new run deletes those of the old one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,7 +65,9 @@ def read_progress(checkpoint: Path) -> Progress:
     try:
         return Progress(**json.loads((checkpoint / STATE).read_text()))
     except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"{checkpoint / STATE}: unreadable ({exc}); delete {checkpoint} to resume from the checkpoint before it") from None
+        raise InputError(
+            f"{checkpoint / STATE}: unreadable ({exc}); delete {checkpoint} to resume from the checkpoint before it"
+        ) from None
 
 
 def resumable(folder: Path, run: str, max_step: int) -> tuple[Path, Progress] | None:
@@ -80,7 +83,9 @@ def load(accelerator: Accelerator, checkpoint: Path) -> None:
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as exc:  # a truncated tensor file, a bad pickle, a missing part: all mean the same to the user
-        raise InputError(f"{checkpoint}: cannot be loaded ({type(exc).__name__}: {exc}); delete it to resume from the checkpoint before it") from None
+        raise InputError(
+            f"{checkpoint}: cannot be loaded ({type(exc).__name__}: {exc}); delete it to resume from the checkpoint before it"
+        ) from None
 
 
 def newest_ema(folder: Path) -> tuple[Path, list[torch.Tensor]] | None:
@@ -91,7 +96,9 @@ def newest_ema(folder: Path) -> tuple[Path, list[torch.Tensor]] | None:
     try:
         return found[-1], torch.load(found[-1] / EMA_FILE, map_location="cpu", weights_only=True)["shadow_params"]
     except Exception as exc:  # as in load()
-        raise InputError(f"{found[-1] / EMA_FILE}: cannot be loaded for the warm start ({type(exc).__name__}: {exc})") from None
+        raise InputError(
+            f"{found[-1] / EMA_FILE}: cannot be loaded for the warm start ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def save(accelerator: Accelerator, folder: Path, progress: Progress, keep: int) -> Path:

@@ -13,6 +13,7 @@ Which images a batch holds, and every random draw that goes with it, is a functi
 position (samples drawn before it, all processes together): a resumed run continues exactly where the killed one
 stopped, mid-epoch, without replaying the seen batches, and each process of a multi-process run reads its own slice.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,11 +21,11 @@ import io
 import json
 import os
 import zlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow.compute as pc
@@ -36,9 +37,16 @@ from dextra.filter.clip import MODEL_INFO, load_clip
 from dextra.pipeline.atomic import atomic_path, write_json
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import CURATED_SCHEMA, IMAGE_SCHEMA, file_sha256, read_embeddings, read_table, read_tables, shard_files
-
-from .model import vae_downscale
+from dextra.pipeline.shards import (
+    CURATED_SCHEMA,
+    IMAGE_SCHEMA,
+    file_sha256,
+    read_embeddings,
+    read_table,
+    read_tables,
+    shard_files,
+)
+from dextra.train.model import vae_downscale
 
 CACHE_FORMAT = 1  # bump when what an entry holds changes
 CHUNK = 256  # images decoded (and VAE-encoded) at a time while an entry is built
@@ -63,11 +71,20 @@ class Encoding:
     device: torch.device = torch.device("cpu")
 
     @classmethod
-    def create(cls, paths: Paths, resolution: int, mode: str, vae: AutoencoderKL | None = None, flip: bool = False,
-               device: torch.device = torch.device("cpu")) -> "Encoding":
+    def create(
+        cls,
+        paths: Paths,
+        resolution: int,
+        mode: str,
+        vae: AutoencoderKL | None = None,
+        flip: bool = False,
+        device: torch.device = torch.device("cpu"),
+    ) -> Encoding:
         if mode != "tokens":
             return cls(resolution, mode, vae, flip, device=device)
-        return cls(resolution, mode, vae, flip, load_clip(paths.clip).tokenizer, file_sha256(paths.clip / MODEL_INFO), device)
+        return cls(
+            resolution, mode, vae, flip, load_clip(paths.clip).tokenizer, file_sha256(paths.clip / MODEL_INFO), device
+        )
 
     @cached_property
     def image_key(self) -> dict:
@@ -87,7 +104,9 @@ class TrainingSet:
     """Images (uint8 pixels (N, 3, R, R), or float16 latents (N, views, C, h, w)) split over per-file arrays, and
     condition rows: image i's are rows first[i] : first[i] + count[i] of `conditions`. `key` names the content."""
 
-    def __init__(self, images: list[np.ndarray], conditions: np.ndarray, first: np.ndarray, count: np.ndarray, key: str):
+    def __init__(
+        self, images: list[np.ndarray], conditions: np.ndarray, first: np.ndarray, count: np.ndarray, key: str
+    ):
         self.images, self.conditions, self.first, self.count, self.key = images, conditions, first, count, key
         self.offsets = np.cumsum([0] + [len(a) for a in images])
 
@@ -115,7 +134,9 @@ class TrainingSet:
         values = np.asarray(self.conditions[rows])
         return torch.from_numpy(values.astype(np.int64 if values.dtype.kind == "i" else np.float32))
 
-    def batch(self, index: np.ndarray, generator: torch.Generator, random_flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, index: np.ndarray, generator: torch.Generator, random_flip: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `index` in [-1, 1] (or their latents), each with one of its conditions, half of them mirrored when `random_flip`."""
         size = len(index)
         rows = self.first[index] + (torch.rand(size, generator=generator).numpy() * self.count[index]).astype(np.int64)
@@ -203,8 +224,11 @@ def _load(folder: Path, name: str) -> np.ndarray:
         raise InputError(f"{folder}: unreadable cache entry ({exc}); delete the folder and run again") from None
 
 
-def _images(paths: Paths, file: Path, sha: str, blobs: Callable[[], list[bytes]], enc: Encoding) -> tuple[np.ndarray, str]:
+def _images(
+    paths: Paths, file: Path, sha: str, blobs: Callable[[], list[bytes]], enc: Encoding
+) -> tuple[np.ndarray, str]:
     """The image (or latent) array of one file, and its cache entry's name."""
+
     def build(tmp: Path) -> None:
         data = blobs()
         n, size = len(data), enc.resolution
@@ -217,7 +241,9 @@ def _images(paths: Paths, file: Path, sha: str, blobs: Callable[[], list[bytes]]
         out = np.lib.format.open_memmap(tmp / "images.npy", "w+", dtype, shape)
         for start in range(0, n, CHUNK):
             pixels = decode_images(data[start : start + CHUNK], size, file, start)
-            out[start : start + len(pixels)] = pixels if enc.vae is None else encode_latents(enc.vae, pixels, enc.flip, enc.device)
+            out[start : start + len(pixels)] = (
+                pixels if enc.vae is None else encode_latents(enc.vae, pixels, enc.flip, enc.device)
+            )
         out.flush()
 
     folder = _entry(paths, {"kind": "images", "format": CACHE_FORMAT, "file": sha, **enc.image_key}, build)
@@ -236,7 +262,13 @@ def _set(images: list[tuple[np.ndarray, str]], folder: Path) -> TrainingSet:
     """A set from its image entries and its conditions entry; its key names all of them."""
     arrays = {name: _load(folder, name) for name in ("conditions", "first", "count")}
     key = hashlib.sha256(" ".join([folder.name, *(entry for _, entry in images)]).encode()).hexdigest()
-    return TrainingSet([array for array, _ in images], arrays["conditions"], np.asarray(arrays["first"]), np.asarray(arrays["count"]), key)
+    return TrainingSet(
+        [array for array, _ in images],
+        arrays["conditions"],
+        np.asarray(arrays["first"]),
+        np.asarray(arrays["count"]),
+        key,
+    )
 
 
 def _vectors_by_id(files: list[Path], ids: list[str], where: Path) -> np.ndarray:
@@ -244,7 +276,9 @@ def _vectors_by_id(files: list[Path], ids: list[str], where: Path) -> np.ndarray
     row = {image_id: i for i, image_id in enumerate(info.column("id").to_pylist())}
     missing = [image_id for image_id in ids if image_id not in row]
     if missing:
-        raise InputError(f"{where}: no image embedding for {len(missing)} image(s), e.g. {', '.join(missing[:3])} (run `dextra embed`)")
+        raise InputError(
+            f"{where}: no image embedding for {len(missing)} image(s), e.g. {', '.join(missing[:3])} (run `dextra embed`)"
+        )
     return vectors[[row[i] for i in ids]].astype(np.float16)
 
 
@@ -260,27 +294,45 @@ def load_extra(paths: Paths, enc: Encoding) -> TrainingSet:
         raise InputError(f"{folder}: the curated shards hold no images; nothing to pretrain on")
     shas = [file_sha256(f) for f in files]
     embeddings = shard_files(paths.embeddings / "crawl_images") if enc.mode == "image" else []
-    key = {"kind": "conditions", "format": CACHE_FORMAT, "set": "extra", "mode": enc.mode, "files": shas,
-           "embeddings": [file_sha256(f) for f in embeddings], "tokenizer": enc.tokenizer_id}
+    key = {
+        "kind": "conditions",
+        "format": CACHE_FORMAT,
+        "set": "extra",
+        "mode": enc.mode,
+        "files": shas,
+        "embeddings": [file_sha256(f) for f in embeddings],
+        "tokenizer": enc.tokenizer_id,
+    }
 
     def build(tmp: Path) -> None:
         if enc.mode == "pooled":
-            column = read_tables(files, CURATED_SCHEMA, columns=["text_embedding"]).column("text_embedding").combine_chunks()
+            column = (
+                read_tables(files, CURATED_SCHEMA, columns=["text_embedding"]).column("text_embedding").combine_chunks()
+            )
             lengths = pc.list_value_length(column).to_numpy()
             if lengths.min() == 0 or lengths.min() != lengths.max():
-                raise InputError(f"{folder}: column 'text_embedding' must have one length in every row (got {lengths.min()}..{lengths.max()})")
+                raise InputError(
+                    f"{folder}: column 'text_embedding' must have one length in every row (got {lengths.min()}..{lengths.max()})"
+                )
             conditions = column.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(len(lengths), -1)
         elif enc.mode == "image":
             ids = read_tables(files, CURATED_SCHEMA, columns=["id"]).column("id").to_pylist()
             conditions = _vectors_by_id(embeddings, ids, paths.embeddings / "crawl_images")
         else:
             table = read_tables(files, CURATED_SCHEMA, columns=["neighbor_captions", "neighbor_weights"])
-            best = [c[int(np.argmax(w))] for c, w in zip(table.column("neighbor_captions").to_pylist(), table.column("neighbor_weights").to_pylist())]
+            best = [
+                c[int(np.argmax(w))]
+                for c, w in zip(
+                    table.column("neighbor_captions").to_pylist(), table.column("neighbor_weights").to_pylist()
+                )
+            ]
             conditions = enc.tokenize(best)
         _save_conditions(tmp, conditions, np.ones(len(conditions), np.int64))
 
     images = [
-        _images(paths, f, sha, lambda f=f: read_table(f, CURATED_SCHEMA, columns=["image"]).column("image").to_pylist(), enc)
+        _images(
+            paths, f, sha, lambda f=f: read_table(f, CURATED_SCHEMA, columns=["image"]).column("image").to_pylist(), enc
+        )
         for f, sha in zip(files, shas)
     ]
     return _set(images, _entry(paths, key, build))
@@ -297,8 +349,15 @@ def load_seed(paths: Paths, split: str, enc: Encoding) -> tuple[TrainingSet, lis
     if not embedding_path.exists():
         raise InputError(f"{embedding_path}: not found (run `dextra embed` first)")
     sha = file_sha256(path)
-    key = {"kind": "conditions", "format": CACHE_FORMAT, "set": split, "mode": enc.mode, "file": sha,
-           "embeddings": file_sha256(embedding_path), "tokenizer": enc.tokenizer_id}
+    key = {
+        "kind": "conditions",
+        "format": CACHE_FORMAT,
+        "set": split,
+        "mode": enc.mode,
+        "file": sha,
+        "embeddings": file_sha256(embedding_path),
+        "tokenizer": enc.tokenizer_id,
+    }
 
     def build(tmp: Path) -> None:
         table = read_table(path, IMAGE_SCHEMA, columns=["id", "captions"])
@@ -307,7 +366,9 @@ def load_seed(paths: Paths, split: str, enc: Encoding) -> tuple[TrainingSet, lis
             raise InputError(f"{path}: no images")
         if enc.mode == "image":
             first_captions = [c[0] if c else "" for c in table.column("captions").to_pylist()]
-            _save_conditions(tmp, _vectors_by_id([embedding_path], ids, embedding_path), np.ones(len(ids), np.int64), first_captions)
+            _save_conditions(
+                tmp, _vectors_by_id([embedding_path], ids, embedding_path), np.ones(len(ids), np.int64), first_captions
+            )
             return
         info, vectors = read_embeddings([embedding_path])
         if "caption" not in info.column_names:
@@ -326,5 +387,7 @@ def load_seed(paths: Paths, split: str, enc: Encoding) -> tuple[TrainingSet, lis
         _save_conditions(tmp, conditions, count, captions)
 
     folder = _entry(paths, key, build)
-    images = _images(paths, path, sha, lambda: read_table(path, IMAGE_SCHEMA, columns=["image"]).column("image").to_pylist(), enc)
+    images = _images(
+        paths, path, sha, lambda: read_table(path, IMAGE_SCHEMA, columns=["image"]).column("image").to_pylist(), enc
+    )
     return _set([images], folder), json.loads((folder / "captions.json").read_text())

@@ -6,13 +6,13 @@ With evaluate.baseline the seed-only model of the `baseline` stage is sampled fo
 noise and scored beside it: the paper's claim, that pretraining on the extrapolated extra set helps, measured on
 this run's data. metrics/eval.json holds both and their difference (pretrain→finetune minus seed-only).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from dvclive import Live
 from tqdm import tqdm
 
 from dextra.filter.clip import ClipBundle, load_clip
@@ -21,10 +21,10 @@ from dextra.pipeline.device import pick_device
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import EvaluateParams, Params
 from dextra.pipeline.paths import Paths
-
-from .metrics import Frechet, TestPrompts, clip_frechet, clip_score, inception_frechet
-from .model import Denoiser, image_resolution, saved_vae
-from .sampling import image_grid, sample, sampler
+from dextra.train.metrics import Frechet, TestPrompts, clip_frechet, clip_score, inception_frechet
+from dextra.train.model import Denoiser, image_resolution, saved_vae
+from dextra.train.sampling import image_grid, sample, sampler
+from dvclive import Live
 
 GRID_SAMPLES = 32
 SEED_ONLY = "seed_only"
@@ -39,9 +39,13 @@ def load_model(folder: Path, device: torch.device) -> tuple[Denoiser, object, in
     return model, vae, image_resolution(model, vae)
 
 
-def generate(model: Denoiser, vae, folder: Path, prompts: TestPrompts, cfg: EvaluateParams, seed: int, label: str) -> torch.Tensor:
+def generate(
+    model: Denoiser, vae, folder: Path, prompts: TestPrompts, cfg: EvaluateParams, seed: int, label: str
+) -> torch.Tensor:
     if prompts.conditions.shape[1] != model.condition_size:
-        raise InputError(f"{folder}: the model was conditioned on {model.condition_size} values, the seed test captions have {prompts.conditions.shape[1]}")
+        raise InputError(
+            f"{folder}: the model was conditioned on {model.condition_size} values, the seed test captions have {prompts.conditions.shape[1]}"
+        )
     scheduler = sampler(cfg.sampler, DDPMScheduler.from_pretrained(folder / "scheduler").config)
     generator = torch.Generator().manual_seed(seed)  # the same noise for every model compared
     device = next(model.parameters()).device
@@ -53,8 +57,13 @@ def generate(model: Denoiser, vae, folder: Path, prompts: TestPrompts, cfg: Eval
     )
 
 
-def score(distances: dict[str, Frechet], bundle: ClipBundle, prompts: TestPrompts, generated: torch.Tensor, batch_size: int) -> dict[str, float]:
-    return {**{name: distance(generated) for name, distance in distances.items()}, "clip_score": clip_score(bundle, generated, prompts.captions, batch_size)}
+def score(
+    distances: dict[str, Frechet], bundle: ClipBundle, prompts: TestPrompts, generated: torch.Tensor, batch_size: int
+) -> dict[str, float]:
+    return {
+        **{name: distance(generated) for name, distance in distances.items()},
+        "clip_score": clip_score(bundle, generated, prompts.captions, batch_size),
+    }
 
 
 def inception_weights(params: Params, paths: Paths) -> Path | None:
@@ -63,7 +72,9 @@ def inception_weights(params: Params, paths: Paths) -> Path | None:
         return None
     path = paths.root / name
     if not path.is_file():
-        raise InputError(f"evaluate.inception_weights: {path} is not a file (torch-fidelity's Inception-v3 weights, e.g. weights-inception-2015-12-05-6726825d.pth)")
+        raise InputError(
+            f"evaluate.inception_weights: {path} is not a file (torch-fidelity's Inception-v3 weights, e.g. weights-inception-2015-12-05-6726825d.pth)"
+        )
     return path
 
 
@@ -75,7 +86,9 @@ def run(params: Params, paths: Paths) -> dict:
     if cfg.baseline:
         folders[SEED_ONLY] = paths.model("baseline")
         if not (folders[SEED_ONLY] / "scheduler").is_dir():
-            raise InputError(f"{folders[SEED_ONLY]}: no seed-only model (evaluate.baseline is true: run `dextra baseline` first)")
+            raise InputError(
+                f"{folders[SEED_ONLY]}: no seed-only model (evaluate.baseline is true: run `dextra baseline` first)"
+            )
     models = {label: load_model(folder, device) for label, folder in folders.items()}  # each loaded once
     main_model, _, resolution = models["main"]
     prompts = TestPrompts.load(paths, main_model.mode, resolution, cfg.num_samples, params.seed)
@@ -91,7 +104,10 @@ def run(params: Params, paths: Paths) -> dict:
         scores[label] = score(distances, bundle, prompts, generated, cfg.batch_size)
         grids[label] = image_grid(generated[:GRID_SAMPLES], prompts.captions[:GRID_SAMPLES])
     main = scores["main"]
-    summary = {**main, "gt_clip_score": clip_score(bundle, prompts.real[prompts.image_index], prompts.captions, cfg.batch_size)}
+    summary = {
+        **main,
+        "gt_clip_score": clip_score(bundle, prompts.real[prompts.image_index], prompts.captions, cfg.batch_size),
+    }
     if SEED_ONLY in scores:
         summary[SEED_ONLY] = scores[SEED_ONLY]
         summary["difference"] = {name: main[name] - value for name, value in scores[SEED_ONLY].items()}

@@ -1,16 +1,16 @@
 """`dextra finetune`: continue from pretrain's EMA weights on the seed train set, conditioned on a random one of
 each image's caption embeddings (DESIGN.md "The method" 4). Backbone, conditioning, resolution and VAE come from
 the pretrained model, not from params."""
+
 from __future__ import annotations
 
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import Params
 from dextra.pipeline.paths import Paths
-
-from .checkpoint import folder_digest
-from .data import Encoding, load_seed
-from .model import Denoiser, image_resolution, saved_vae
-from .trainer import make_accelerator, train
+from dextra.train.checkpoint import folder_digest
+from dextra.train.data import Encoding, load_seed
+from dextra.train.model import Denoiser, image_resolution, saved_vae
+from dextra.train.trainer import make_accelerator, train
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -27,4 +27,6 @@ def run(params: Params, paths: Paths) -> dict:
             f"{paths.embedding_file('seed_images' if model.mode == 'image' else 'seed_captions', 'train')}: conditions have "
             f"{data.condition_size} values, the pretrained model in {source} was conditioned on {model.condition_size}"
         )
-    return train(accelerator, model, data, params.finetune, params, paths, "finetune", vae=vae, init=folder_digest(source))
+    return train(
+        accelerator, model, data, params.finetune, params, paths, "finetune", vae=vae, init=folder_digest(source)
+    )

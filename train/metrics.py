@@ -9,11 +9,12 @@
 - CLIP score: torchmetrics' CLIPScore convention, 100 × mean max(cos(image, caption), 0); its own class only
   takes Hugging Face CLIP models, not our open_clip one.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +24,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from dextra.filter.clip import ClipBundle, load_clip
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.paths import Paths
-
-from .data import Encoding, TrainingSet, load_seed
+from dextra.train.data import Encoding, TrainingSet, load_seed
 
 MONITOR_BATCH = 256
 
@@ -64,7 +64,9 @@ def clip_frechet(bundle: ClipBundle, real: torch.Tensor, batch_size: int) -> Fre
 
 def inception_frechet(weights: Path, real: torch.Tensor, batch_size: int, device: torch.device) -> Frechet:
     """FID on Inception-v3's 2048 pool features; `weights` is torch-fidelity's pt_inception state dict."""
-    metric = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False, feature_extractor_weights_path=str(weights))
+    metric = FrechetInceptionDistance(
+        feature=2048, normalize=True, reset_real_features=False, feature_extractor_weights_path=str(weights)
+    )
     return Frechet(metric.to(device), real, batch_size)
 
 
@@ -72,7 +74,9 @@ def clip_fd(bundle: ClipBundle, real: torch.Tensor, generated: torch.Tensor, bat
     return clip_frechet(bundle, real, batch_size)(generated)
 
 
-def inception_fid(weights: Path, real: torch.Tensor, generated: torch.Tensor, batch_size: int, device: torch.device) -> float:
+def inception_fid(
+    weights: Path, real: torch.Tensor, generated: torch.Tensor, batch_size: int, device: torch.device
+) -> float:
     return inception_frechet(weights, real, batch_size, device)(generated)
 
 
@@ -102,12 +106,14 @@ class TestPrompts:
     real: torch.Tensor  # every test image in [0, 1] at the generated resolution
 
     @classmethod
-    def load(cls, paths: Paths, model_mode: str, resolution: int, num_samples: int, seed: int) -> "TestPrompts":
+    def load(cls, paths: Paths, model_mode: str, resolution: int, num_samples: int, seed: int) -> TestPrompts:
         # An `image` model is sampled from caption text embeddings: they share CLIP's space with image embeddings.
         mode = "tokens" if model_mode == "tokens" else "pooled"
         test, captions = load_seed(paths, "test", Encoding.create(paths, resolution, mode))
         if len(test) < 2:
-            raise InputError(f"{paths.seed_split('test')}: the Fréchet distance needs at least 2 test images, found {len(test)}")
+            raise InputError(
+                f"{paths.seed_split('test')}: the Fréchet distance needs at least 2 test images, found {len(test)}"
+            )
         image_index, rows = pick_captions(test, num_samples, seed)
         return cls(test.condition_rows(rows), [captions[r] for r in rows], torch.from_numpy(image_index), test.pixels())
 
@@ -116,9 +122,13 @@ class CheckpointMonitor:
     """CLIP-FD of the EMA model's samples for seed test captions, at every checkpoint: the curve shows whether more
     steps still bring samples closer to the test set, and for pretrain how far the extra set alone gets."""
 
-    def __init__(self, paths: Paths, model_mode: str, resolution: int, num_samples: int, seed: int, device: torch.device):
+    def __init__(
+        self, paths: Paths, model_mode: str, resolution: int, num_samples: int, seed: int, device: torch.device
+    ):
         self.prompts = TestPrompts.load(paths, model_mode, resolution, num_samples, seed)
-        self.distance = clip_frechet(load_clip(paths.clip, device), self.prompts.real, MONITOR_BATCH)  # real features once
+        self.distance = clip_frechet(
+            load_clip(paths.clip, device), self.prompts.real, MONITOR_BATCH
+        )  # real features once
 
     def clip_fd(self, generate: Callable[[torch.Tensor], torch.Tensor]) -> float:
         return self.distance(generate(self.prompts.conditions))

@@ -12,6 +12,7 @@ Each holds the learned NULL condition that NULL guidance contrasts against. Ever
 save_pretrained into one folder (unet/ or transformer/, condition/, and vae/ for latent models), so finetune and
 evaluate load a model without knowing the params it was built from.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,9 @@ class TokenConditioner(ModelMixin, ConfigMixin):
     def __init__(self, clip_config: dict, cross_attention_dim: int):
         super().__init__()
         text_cfg = {**clip_config["text_cfg"], "output_tokens": True}
-        self.text = _build_text_tower(clip_config["embed_dim"], text_cfg, quick_gelu=clip_config.get("quick_gelu", False))
+        self.text = _build_text_tower(
+            clip_config["embed_dim"], text_cfg, quick_gelu=clip_config.get("quick_gelu", False)
+        )
         self.proj = nn.Linear(self.text.width, cross_attention_dim)
         self.null = nn.Parameter(torch.randn(self.text.context_length, cross_attention_dim) * 0.02)
 
@@ -80,7 +83,7 @@ class TokenConditioner(ModelMixin, ConfigMixin):
         return self.text.context_length
 
     @classmethod
-    def from_clip(cls, folder: Path, cross_attention_dim: int) -> "TokenConditioner":
+    def from_clip(cls, folder: Path, cross_attention_dim: int) -> TokenConditioner:
         """A conditioner whose text transformer holds the weights of the CLIP model the `clip` stage saved in `folder`."""
         info = json.loads((folder / MODEL_INFO).read_text()) if (folder / MODEL_INFO).exists() else None
         if info is None or not (folder / f"{info['model']}.json").exists():
@@ -106,12 +109,18 @@ CONDITIONERS = {cls.__name__: cls for cls in (ConditionProjector, TokenCondition
 class Denoiser(nn.Module):
     """The backbone's prediction (ε or v, per train.prediction_type) given a condition; one module so DDP and EMA see all weights."""
 
-    def __init__(self, backbone: UNet2DConditionModel | PixArtTransformer2DModel, condition: ConditionProjector | TokenConditioner):
+    def __init__(
+        self,
+        backbone: UNet2DConditionModel | PixArtTransformer2DModel,
+        condition: ConditionProjector | TokenConditioner,
+    ):
         super().__init__()
         self.backbone = backbone
         self.condition = condition
 
-    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor, null: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor, null: torch.Tensor | None = None
+    ) -> torch.Tensor:
         tokens = self.condition(condition, null)
         timesteps = torch.as_tensor(timesteps, device=sample.device).reshape(-1).expand(len(sample))
         if isinstance(self.backbone, UNet2DConditionModel):
@@ -146,13 +155,17 @@ class Denoiser(nn.Module):
         self.condition.save_pretrained(folder / "condition")
 
     @classmethod
-    def load(cls, folder: Path) -> "Denoiser":
+    def load(cls, folder: Path) -> Denoiser:
         saved = [name for name in BACKBONES if (folder / name / "config.json").exists()]
         config = folder / "condition" / "config.json"
         if not saved or not config.exists():
-            raise InputError(f"{folder}: no saved model (unet/ or transformer/, and condition/config.json); run `dextra {folder.name}` first")
+            raise InputError(
+                f"{folder}: no saved model (unet/ or transformer/, and condition/config.json); run `dextra {folder.name}` first"
+            )
         conditioner = CONDITIONERS[json.loads(config.read_text())["_class_name"]]
-        return cls(BACKBONES[saved[0]].from_pretrained(folder / saved[0]), conditioner.from_pretrained(folder / "condition"))
+        return cls(
+            BACKBONES[saved[0]].from_pretrained(folder / saved[0]), conditioner.from_pretrained(folder / "condition")
+        )
 
 
 def load_vae(source: str | Path, field: str = "train.vae") -> AutoencoderKL:
@@ -160,7 +173,9 @@ def load_vae(source: str | Path, field: str = "train.vae") -> AutoencoderKL:
     try:
         vae = AutoencoderKL.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ParamsError(f"{field}: cannot load an AutoencoderKL from {str(source)!r} ({str(exc).splitlines()[0]})") from None
+        raise ParamsError(
+            f"{field}: cannot load an AutoencoderKL from {str(source)!r} ({str(exc).splitlines()[0]})"
+        ) from None
     return vae.eval().requires_grad_(False)
 
 
@@ -175,7 +190,7 @@ def vae_downscale(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def image_resolution(model: "Denoiser", vae: AutoencoderKL | None) -> int:
+def image_resolution(model: Denoiser, vae: AutoencoderKL | None) -> int:
     """The side in pixels of the images `model` generates (through `vae`, for a latent model)."""
     return model.sample_size * (vae_downscale(vae) if vae is not None else 1)
 
@@ -186,13 +201,20 @@ def build_condition(cfg: TrainParams, embed_dim: int, clip_folder: Path) -> Cond
     return ConditionProjector(embed_dim, cfg.cross_attention_dim, cfg.condition_tokens, mode=cfg.conditioning)
 
 
-def build_denoiser(cfg: TrainParams, condition: ConditionProjector | TokenConditioner, channels: int = 3, sample_size: int | None = None) -> Denoiser:
+def build_denoiser(
+    cfg: TrainParams,
+    condition: ConditionProjector | TokenConditioner,
+    channels: int = 3,
+    sample_size: int | None = None,
+) -> Denoiser:
     """A fresh backbone from params.train, denoising `channels` × `sample_size`² (pixels, or a VAE's latents)."""
     size = cfg.resolution if sample_size is None else sample_size
     if cfg.backbone == "unet":
         blocks = list(cfg.unet.block_out_channels)
         if size % 2 ** (len(blocks) - 1):
-            raise ParamsError(f"train.resolution: {size} (after the VAE, if any) must be divisible by 2^{len(blocks) - 1} for {len(blocks)} train.unet.block_out_channels")
+            raise ParamsError(
+                f"train.resolution: {size} (after the VAE, if any) must be divisible by 2^{len(blocks) - 1} for {len(blocks)} train.unet.block_out_channels"
+            )
         # Attention only below full resolution, where it is cheap.
         cross = len(blocks) - 1 if len(blocks) > 1 else 1
         down = ["DownBlock2D"] * (len(blocks) - cross) + ["CrossAttnDownBlock2D"] * cross
@@ -212,7 +234,9 @@ def build_denoiser(cfg: TrainParams, condition: ConditionProjector | TokenCondit
     else:
         dit = cfg.dit
         if size % dit.patch_size:
-            raise ParamsError(f"train.dit.patch_size: {dit.patch_size} does not divide the {size}-wide input (train.resolution, after the VAE if any)")
+            raise ParamsError(
+                f"train.dit.patch_size: {dit.patch_size} does not divide the {size}-wide input (train.resolution, after the VAE if any)"
+            )
         width = dit.num_attention_heads * dit.attention_head_dim
         backbone = PixArtTransformer2DModel(
             num_attention_heads=dit.num_attention_heads,

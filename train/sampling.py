@@ -1,15 +1,16 @@
 """Sampling with the paper's NULL guidance (DESIGN.md "The method" 5): DDIM or DPM-Solver, in pixel or latent space."""
+
 from __future__ import annotations
 
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.configuration_utils import FrozenDict
 from PIL import Image, ImageDraw, ImageFont
 
-from .model import Denoiser
+from dextra.train.model import Denoiser
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
 GRID_COLUMNS = 8
@@ -20,7 +21,9 @@ def sampler(name: str, training_config: FrozenDict) -> DDIMScheduler | DPMSolver
     return SAMPLERS[name].from_config(training_config)
 
 
-def null_guidance(model: Denoiser, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor, scale: float) -> torch.Tensor:
+def null_guidance(
+    model: Denoiser, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor, scale: float
+) -> torch.Tensor:
     """out_null + η (out_cond − out_null): η = 0 is the unconditional model, η = 1 the conditional one, η > 1
     pushes past it. For a v-prediction model this is exactly the paper's ε formula, because at a fixed noisy
     sample v and ε are related by the same affine map for both halves. The conditional and NULL halves run as
@@ -31,16 +34,27 @@ def null_guidance(model: Denoiser, sample: torch.Tensor, timestep: torch.Tensor,
 
 
 @torch.no_grad()
-def sample(model: Denoiser, scheduler: DDIMScheduler | DPMSolverMultistepScheduler, condition: torch.Tensor, steps: int, scale: float,
-           generator: torch.Generator, vae: AutoencoderKL | None = None) -> torch.Tensor:
+def sample(
+    model: Denoiser,
+    scheduler: DDIMScheduler | DPMSolverMultistepScheduler,
+    condition: torch.Tensor,
+    steps: int,
+    scale: float,
+    generator: torch.Generator,
+    vae: AutoencoderKL | None = None,
+) -> torch.Tensor:
     """Images in [0, 1], (N, 3, H, W), one per condition row (embeddings, or token ids for a `tokens` model). Noise
     comes from a CPU generator, so a seed gives the same start on any device; a latent model's samples are decoded."""
     device = condition.device
-    x = torch.randn(len(condition), model.channels, model.sample_size, model.sample_size, generator=generator).to(device)
+    x = torch.randn(len(condition), model.channels, model.sample_size, model.sample_size, generator=generator).to(
+        device
+    )
     scheduler.set_timesteps(steps, device=device)
     x = x * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
-        x = scheduler.step(null_guidance(model, scheduler.scale_model_input(x, timestep), timestep, condition, scale), timestep, x).prev_sample
+        x = scheduler.step(
+            null_guidance(model, scheduler.scale_model_input(x, timestep), timestep, condition, scale), timestep, x
+        ).prev_sample
     if vae is not None:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()

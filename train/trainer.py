@@ -13,6 +13,7 @@ resumes from it: the weights, optimizer, schedule, EMA and RNG states come back,
 saved position (train/data.py), and the loss history is replayed into dvclive, whose folder DVC empties before the
 stage re-runs. On CPU the resumed run's losses equal the uninterrupted run's, step for step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,6 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from dvclive import Live
 from tqdm import tqdm
 
 from dextra.pipeline.atomic import atomic_path
@@ -34,12 +34,12 @@ from dextra.pipeline.device import pick_device
 from dextra.pipeline.errors import ParamsError
 from dextra.pipeline.params import Params, PhaseParams
 from dextra.pipeline.paths import Paths
-
-from . import checkpoint
-from .data import DataStream, TrainingSet
-from .metrics import CheckpointMonitor
-from .model import Denoiser, image_resolution
-from .sampling import image_grid, sample, sampler
+from dextra.train import checkpoint
+from dextra.train.data import DataStream, TrainingSet
+from dextra.train.metrics import CheckpointMonitor
+from dextra.train.model import Denoiser, image_resolution
+from dextra.train.sampling import image_grid, sample, sampler
+from dvclive import Live
 
 # Params that change how a run is watched, not what it computes: a checkpoint stays resumable when they change.
 BOOKKEEPING = {"log_every", "checkpoint_every", "checkpoints_kept", "grid_samples", "monitor_samples", "compile"}
@@ -57,29 +57,52 @@ def make_accelerator(params: Params) -> Accelerator:
         raise ParamsError("train.mixed_precision: fp16 needs CUDA (its grad scaler has no CPU kernels); use no or bf16")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision, dynamo_backend="inductor" if cfg.compile else "no")
+    return Accelerator(
+        cpu=device.type == "cpu", mixed_precision=precision, dynamo_backend="inductor" if cfg.compile else "no"
+    )
 
 
-def train(accelerator: Accelerator, model: Denoiser, data: TrainingSet, phase: PhaseParams, params: Params, paths: Paths, name: str,
-          *, vae: AutoencoderKL | None = None, init: str = "scratch", warm_start: bool = False) -> dict:
+def train(
+    accelerator: Accelerator,
+    model: Denoiser,
+    data: TrainingSet,
+    phase: PhaseParams,
+    params: Params,
+    paths: Paths,
+    name: str,
+    *,
+    vae: AutoencoderKL | None = None,
+    init: str = "scratch",
+    warm_start: bool = False,
+) -> dict:
     """Train `model` until phase.steps and save its EMA weights (with noise schedule and VAE) to models/<name>.
     `init` names what the weights start from, for the run's fingerprint."""
     cfg = params.train
     device, main = accelerator.device, accelerator.is_main_process
     folder = checkpoint.checkpoint_dir(paths, name)
-    run = checkpoint.fingerprint(phase_name=name, seed=params.seed, data=data.key, init=init,
-                                 train=cfg.model_dump(exclude=BOOKKEEPING), phase=phase.model_dump(exclude={"steps"}))
+    run = checkpoint.fingerprint(
+        phase_name=name,
+        seed=params.seed,
+        data=data.key,
+        init=init,
+        train=cfg.model_dump(exclude=BOOKKEEPING),
+        phase=phase.model_dump(exclude={"steps"}),
+    )
     found = checkpoint.resumable(folder, run, phase.steps)
     if found is None and warm_start:
         _warm_start(model, folder)
 
     monitor = None
     if main and cfg.monitor_samples:
-        monitor = CheckpointMonitor(paths, model.mode, image_resolution(model, vae), cfg.monitor_samples, params.seed, device)
+        monitor = CheckpointMonitor(
+            paths, model.mode, image_resolution(model, vae), cfg.monitor_samples, params.seed, device
+        )
     set_seed(params.seed, deterministic=cfg.deterministic)
     model.train_text_encoder(cfg.train_text_encoder)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=phase.lr, weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=phase.lr, weight_decay=0.0, fused=True
+    )
     # Stepped once per optimizer step by this loop, so warm-up counts steps whatever the number of processes.
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=phase.warmup_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -101,7 +124,12 @@ def train(accelerator: Accelerator, model: Denoiser, data: TrainingSet, phase: P
     for logged in progress.clip_fd:
         _log_clip_fd(live, *logged)
 
-    world, rank, batch, accumulate = accelerator.num_processes, accelerator.process_index, cfg.batch_size, cfg.gradient_accumulation_steps
+    world, rank, batch, accumulate = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.batch_size,
+        cfg.gradient_accumulation_steps,
+    )
     stream = DataStream(len(data), params.seed, name)
     grid_conditions = data.first_conditions(cfg.grid_samples).to(device)
     running, since_log = torch.zeros((), device=device), 0
@@ -116,14 +144,19 @@ def train(accelerator: Accelerator, model: Denoiser, data: TrainingSet, phase: P
         for micro in range(accumulate):
             position = progress.position + rank * batch
             host, on_device = stream.generators(position, device)
-            clean, condition = (t.to(device, non_blocking=True) for t in data.batch(stream.indices(position, batch), host, cfg.random_flip))
+            clean, condition = (
+                t.to(device, non_blocking=True)
+                for t in data.batch(stream.indices(position, batch), host, cfg.random_flip)
+            )
             noise = torch.randn(clean.shape, generator=on_device, device=device)
             timesteps = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=on_device, device=device)
             null = torch.rand(batch, generator=on_device, device=device) < cfg.condition_dropout
             # Gradients are averaged across processes only on the last micro-batch.
             with accelerator.no_sync(model) if micro < accumulate - 1 else contextlib.nullcontext():
                 prediction = model(noise_scheduler.add_noise(clean, noise, timesteps), timesteps, condition, null)
-                target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(clean, noise, timesteps)
+                target = (
+                    noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(clean, noise, timesteps)
+                )
                 loss = F.mse_loss(prediction.float(), target) / accumulate
                 accelerator.backward(loss)
             running += loss.detach()
@@ -202,21 +235,38 @@ def _warm_start(model: Denoiser, folder) -> None:
     source, weights = found
     parameters = list(model.parameters())
     if [tuple(w.shape) for w in weights] != [tuple(p.shape) for p in parameters]:
-        raise ParamsError(f"pretrain.warm_start: {source} holds a different model than params.train builds; set warm_start: false or restore the old train params")
+        raise ParamsError(
+            f"pretrain.warm_start: {source} holds a different model than params.train builds; set warm_start: false or restore the old train params"
+        )
     with torch.no_grad():
         for parameter, weight in zip(parameters, weights):
             parameter.copy_(weight)
 
 
 @torch.no_grad()
-def _ema_samples(accelerator: Accelerator, model, ema: EMAModel, conditions: torch.Tensor, noise_scheduler: DDPMScheduler, vae: AutoencoderKL | None) -> torch.Tensor:
+def _ema_samples(
+    accelerator: Accelerator,
+    model,
+    ema: EMAModel,
+    conditions: torch.Tensor,
+    noise_scheduler: DDPMScheduler,
+    vae: AutoencoderKL | None,
+) -> torch.Tensor:
     """Samples of the EMA weights (main process only; the training weights are restored after)."""
     net = accelerator.unwrap_model(model)
     ema.store(net.parameters())
     ema.copy_to(net.parameters())
     net.eval()
     with accelerator.autocast():
-        images = sample(net, sampler("ddim", noise_scheduler.config), conditions, GRID_STEPS, GRID_GUIDANCE, torch.Generator().manual_seed(0), vae)
+        images = sample(
+            net,
+            sampler("ddim", noise_scheduler.config),
+            conditions,
+            GRID_STEPS,
+            GRID_GUIDANCE,
+            torch.Generator().manual_seed(0),
+            vae,
+        )
     net.train()
     ema.restore(net.parameters())
     return images.float()

@@ -8,16 +8,17 @@
 train2014 is the train split and val2014 the test split, as in text-to-image COCO results. COCO captions name no
 class. The manifest's `subset:` keeps a fixed random part (the full set is 82,783 + 40,504 images).
 """
+
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
-from ..errors import InputError
-from ..manifest import CocoSeed
-from .files import read_text
-from .records import Record
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.importers.files import read_text
+from dextra.pipeline.importers.records import Record
+from dextra.pipeline.manifest import CocoSeed
 
 SPLITS = {"train": "train2014", "test": "val2014"}
 _EXPECTED = 'COCO captions JSON: {"images": [{"id", "file_name"}, ...], "annotations": [{"image_id", "caption"}, ...]}'
@@ -38,14 +39,18 @@ def _records(path: Path, image_dir: Path, split: str) -> tuple[list[Record], int
     data = _load(path)
     files: dict[int, str] = {}
     for i, image in enumerate(data["images"]):
-        if not (isinstance(image, dict) and isinstance(image.get("id"), int) and isinstance(image.get("file_name"), str)):
+        if not (
+            isinstance(image, dict) and isinstance(image.get("id"), int) and isinstance(image.get("file_name"), str)
+        ):
             raise InputError(f"{path}: images[{i}] has no integer 'id' and string 'file_name'")
         if image["id"] in files:
             raise InputError(f"{path}: images[{i}]: id {image['id']} appears twice")
         files[image["id"]] = image["file_name"]
     captions: dict[int, list[str]] = defaultdict(list)
     for i, note in enumerate(data["annotations"]):
-        if not (isinstance(note, dict) and isinstance(note.get("image_id"), int) and isinstance(note.get("caption"), str)):
+        if not (
+            isinstance(note, dict) and isinstance(note.get("image_id"), int) and isinstance(note.get("caption"), str)
+        ):
             raise InputError(f"{path}: annotations[{i}] has no integer 'image_id' and string 'caption'")
         if note["image_id"] not in files:
             raise InputError(f"{path}: annotations[{i}]: image_id {note['image_id']} is not in 'images'")
@@ -54,7 +59,14 @@ def _records(path: Path, image_dir: Path, split: str) -> tuple[list[Record], int
             raise InputError(f"{path}: annotations[{i}]: empty caption")
         captions[note["image_id"]].append(caption)
     records = [
-        Record(PurePosixPath(name).with_suffix("").as_posix(), image_dir / name, split, None, tuple(captions[id_]), listed_in=path)
+        Record(
+            PurePosixPath(name).with_suffix("").as_posix(),
+            image_dir / name,
+            split,
+            None,
+            tuple(captions[id_]),
+            listed_in=path,
+        )
         for id_, name in files.items()
         if captions[id_]
     ]
@@ -70,6 +82,8 @@ def read(seed: CocoSeed, folder: Path) -> tuple[list[Record], dict]:
     seen: set[str] = set()
     for record in records:
         if record.key in seen:
-            raise InputError(f"{record.listed_in}: {record.key!r} is listed as two images (keys must be unique across train and val)")
+            raise InputError(
+                f"{record.listed_in}: {record.key!r} is listed as two images (keys must be unique across train and val)"
+            )
         seen.add(record.key)
     return records, {"uncaptioned": uncaptioned}

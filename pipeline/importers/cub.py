@@ -8,15 +8,16 @@
 `images` and `text` can be moved by the manifest (AttnGAN keeps the images in CUB_200_2011/images). The class is
 the species name of classes.txt, which is also the image's folder, e.g. "001.Black_footed_Albatross".
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
-from ..manifest import CubSeed
-from .files import read_text
-from .records import Record
-from .safe_pickle import read_string_list
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.importers.files import read_text
+from dextra.pipeline.importers.records import Record
+from dextra.pipeline.importers.safe_pickle import read_string_list
+from dextra.pipeline.manifest import CubSeed
 
 SPLIT_LISTS = {"train": "train/filenames.pickle", "test": "test/filenames.pickle"}
 _KEY = '"<class>/<image>"'

@@ -1,9 +1,10 @@
 """Reading a dataset's small text files, so every missing or broken one is the same kind of error."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
+from dextra.pipeline.errors import InputError
 
 
 def read_text(path: Path, expected: str) -> str:

@@ -1,12 +1,13 @@
 """A plain folder: <path>/captions.csv with filename, caption[, class][, split], several rows per image allowed."""
+
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from ..errors import InputError
-from ..manifest import FolderSeed
-from .records import Record
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.importers.records import Record
+from dextra.pipeline.manifest import FolderSeed
 
 CSV_NAME = "captions.csv"
 
@@ -33,7 +34,9 @@ def read_captions_csv(csv_path: Path) -> dict[str, dict]:
                 raise InputError(f"{csv_path}: line {line}: split {split!r}, expected train or test")
             entry = entries.setdefault(name, {"captions": [], "class": cls, "split": split, "line": line})
             if (entry["class"], entry["split"]) != (cls, split):
-                raise InputError(f"{csv_path}: line {line}: {name} has another class or split than on line {entry['line']}")
+                raise InputError(
+                    f"{csv_path}: line {line}: {name} has another class or split than on line {entry['line']}"
+                )
             entry["captions"].append(caption)
     if not entries:
         raise InputError(f"{csv_path}: no rows ({expected})")

@@ -7,6 +7,7 @@
 
 The release has no class names file, so the class is Reed et al.'s folder name, e.g. "class_00077".
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from ..errors import InputError
-from ..manifest import OxfordSeed
-from .records import Record
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.importers.records import Record
+from dextra.pipeline.manifest import OxfordSeed
 
 SPLITS = {"trnid": "train", "valid": "train", "tstid": "test"}
 
@@ -34,7 +35,12 @@ def _load_mat(path: Path, keys: tuple[str, ...], expected: str) -> dict[str, np.
         if key not in mat:
             raise InputError(f"{path}: no variable {key!r} (expected {expected})")
         values = np.asarray(mat[key])
-        if values.dtype.kind not in "iuf" or values.size == 0 or not np.all(values == np.round(values)) or values.min() < 1:
+        if (
+            values.dtype.kind not in "iuf"
+            or values.size == 0
+            or not np.all(values == np.round(values))
+            or values.min() < 1
+        ):
             raise InputError(f"{path}: {key!r} is not a list of positive whole numbers (expected {expected})")
         out[key] = values.astype(np.int64).ravel()
     return out
@@ -48,13 +54,23 @@ def read(seed: OxfordSeed, folder: Path) -> tuple[list[Record], dict]:
     for key, split in SPLITS.items():
         for number in sets[key].tolist():
             if number > len(labels):
-                raise InputError(f"{setid_path}: {key!r} names image {number}, but {labels_path} labels only {len(labels)}")
+                raise InputError(
+                    f"{setid_path}: {key!r} names image {number}, but {labels_path} labels only {len(labels)}"
+                )
             if number in split_of:
                 raise InputError(f"{setid_path}: image {number} is in more than one of trnid, valid, tstid")
             split_of[number] = split
     records = []
     for number in sorted(split_of):
         name, cls = f"image_{number:05d}", f"class_{labels[number - 1]:05d}"
-        records.append(Record(name, folder / "jpg" / f"{name}.jpg", split_of[number], cls,
-                              caption_file=folder / seed.captions / cls / f"{name}.txt", listed_in=setid_path))
+        records.append(
+            Record(
+                name,
+                folder / "jpg" / f"{name}.jpg",
+                split_of[number],
+                cls,
+                caption_file=folder / seed.captions / cls / f"{name}.txt",
+                listed_in=setid_path,
+            )
+        )
     return records, {}

@@ -1,4 +1,5 @@
 """What an importer yields, and how a record becomes a seed shard row (one image policy for every dataset)."""
+
 from __future__ import annotations
 
 import io
@@ -7,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..errors import InputError
-from ..shards import sha256_hex
-from .files import read_captions
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.importers.files import read_captions
+from dextra.pipeline.shards import sha256_hex
 
 KEPT_FORMATS = ("JPEG", "PNG")
 _ORIENTATION = 0x0112  # EXIF tag
@@ -50,7 +51,9 @@ def encode_image(path: Path, listed_in: Path | None = None) -> tuple[bytes, tupl
     return buffer.getvalue(), image.size
 
 
-def shard_row(id_: str, image: bytes, size: tuple[int, int], captions: list[str], split: str, cls: str | None, source: str) -> dict:
+def shard_row(
+    id_: str, image: bytes, size: tuple[int, int], captions: list[str], split: str, cls: str | None, source: str
+) -> dict:
     """One row of IMAGE_SCHEMA for a seed image."""
     return {
         "id": id_,

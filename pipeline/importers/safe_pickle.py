@@ -5,13 +5,14 @@ strings, so this unpickler resolves no global at all: an opcode that needs a cla
 INST, OBJ, EXT*) is refused when it is read, before anything it names could be called, and what comes out must be a
 list of strings.
 """
+
 from __future__ import annotations
 
 import io
 import pickle
 from pathlib import Path
 
-from ..errors import InputError
+from dextra.pipeline.errors import InputError
 
 
 class _NoGlobals(pickle.Unpickler):
@@ -30,10 +31,15 @@ def read_string_list(path: Path, expected: str) -> list[str]:
     try:
         value = _NoGlobals(io.BytesIO(data), encoding="utf-8").load()
     except Exception as exc:  # any failure of an untrusted byte stream is a malformed file
-        raise InputError(f"{path}: refused: not a plain pickled list of strings ({type(exc).__name__}: {exc}; expected {expected})") from None
+        raise InputError(
+            f"{path}: refused: not a plain pickled list of strings ({type(exc).__name__}: {exc}; expected {expected})"
+        ) from None
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        got = type(value).__name__ if not isinstance(value, list) else "a list holding " + ", ".join(
-            sorted({type(item).__name__ for item in value if not isinstance(item, str)})
+        got = (
+            type(value).__name__
+            if not isinstance(value, list)
+            else "a list holding "
+            + ", ".join(sorted({type(item).__name__ for item in value if not isinstance(item, str)}))
         )
         raise InputError(f"{path}: holds {got} (expected {expected})")
     return value

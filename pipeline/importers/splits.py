@@ -1,4 +1,5 @@
 """Which seed images are train and which test, and which part of a large set is kept."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +7,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..manifest import Subset
-from .records import Record
+from dextra.pipeline.importers.records import Record
+from dextra.pipeline.manifest import Subset
 
 
 def stratified_split(keys: list[str], classes: list[str | None], fraction: float, seed: int) -> dict[str, str]:
