@@ -32,15 +32,15 @@ def unit(v: np.ndarray) -> np.ndarray:
 
 
 def synthetic(n_crawl: int, rng: np.random.Generator):
-    from dextra.filter.curate import Crawl, Seed
+    from dextra.filter.curate import Crawl, SeedSet
 
     centres = unit(rng.normal(size=(CLASSES, DIM)))
     seed_classes = np.arange(SEED_IMAGES) % CLASSES
     seed_vectors = unit(centres[seed_classes] + 0.6 * rng.normal(size=(SEED_IMAGES, DIM)) / np.sqrt(DIM) * 8)
-    seed = Seed(
-        ids=[f"s{i}" for i in range(SEED_IMAGES)],
-        vectors=seed_vectors,
-        classes=[str(c) for c in seed_classes],
+    seed = SeedSet(
+        train_ids=[f"s{i}" for i in range(SEED_IMAGES)],
+        train_vectors=seed_vectors,
+        train_classes=[str(c) for c in seed_classes],
         caption_features=unit(rng.normal(size=(SEED_IMAGES, DIM))),
         first_captions=[f"class {c}" for c in seed_classes],
         test_ids=[f"t{i}" for i in range(TEST_IMAGES)],
@@ -88,7 +88,7 @@ def measure(n_crawl: int) -> dict:
     import faiss
     import torch
 
-    from dextra.filter.curate import curate_core
+    from dextra.filter.curate import curate
     from dextra.pipeline.params import CurateParams
 
     seed, crawl = synthetic(n_crawl, np.random.default_rng(0))
@@ -98,7 +98,7 @@ def measure(n_crawl: int) -> dict:
     )  # Linux: restart the peak-RSS count, so it is curate's (inputs included)
     load_before = os.getloadavg()[0]
     started, cpu_started = time.perf_counter(), time.process_time()
-    decisions, extrapolation, _ = curate_core(seed, crawl, CurateParams(), 0, torch.device("cpu"))
+    decisions, extrapolation, _ = curate(seed, crawl, CurateParams(), 0, torch.device("cpu"))
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     outcomes = dict(zip(*np.unique(decisions.outcome.astype(str), return_counts=True)))
     return {
@@ -118,18 +118,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--small", action="store_true", help="CI's size: 20,000 crawled images; writes under bench/results/small/"
+    )
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child)))
         return
     runs = []
-    for size in args.sizes:
+    for size in [20_000] if args.small else args.sizes:
         out = subprocess.run(
             [sys.executable, __file__, "--child", str(size)], capture_output=True, text=True, check=True
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(
-            f"{size:>9,} crawled: {runs[-1]['seconds']:7.1f} s ({runs[-1]['cpu_seconds']:.0f} CPU s, load {runs[-1]['load_average_1min']}), peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB, kept {runs[-1]['kept']:,}"
+            f"{size:>9,} crawled: {runs[-1]['seconds']:7.1f} s ({runs[-1]['cpu_seconds']:.0f} CPU s, "
+            f"load {runs[-1]['load_average_1min']}), peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB, "
+            f"kept {runs[-1]['kept']:,}"
         )
     result = {"dim": DIM, "seed_images": SEED_IMAGES, "test_images": TEST_IMAGES, "cores": os.cpu_count(), "runs": runs}
     if len(runs) >= 2:
@@ -137,8 +142,9 @@ def main() -> None:
         result["size_growth"] = runs[-1]["crawled"] / runs[0]["crawled"]
         print(f"time grows {result['time_growth']}x for {result['size_growth']:.0f}x the crawl")
     from dextra.pipeline.atomic import write_json
+    from dextra.pipeline.paths import Paths
 
-    write_json(ROOT / "bench" / "results" / "curate_scale.json", result)
+    write_json(Paths(ROOT).bench_result("curate_scale", args.small), result)
 
 
 if __name__ == "__main__":

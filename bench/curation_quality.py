@@ -26,7 +26,8 @@ from pathlib import Path
 import pandas as pd
 
 from dextra.pipeline.atomic import write_json
-from dextra.pipeline.demo import KINDS, parse_caption
+from dextra.pipeline.demo.draw import parse_caption
+from dextra.pipeline.demo.web import KINDS
 from dextra.pipeline.errors import DextraError, InputError
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import (
@@ -47,7 +48,8 @@ def load(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     truth_path = paths.demo_web / "truth.parquet"
     if not truth_path.is_file():
         raise InputError(
-            f"{truth_path}: not found; curation quality needs the demo's ground truth (dataset: demo, then `dextra seed`)"
+            f"{truth_path}: not found; curation quality needs the demo's ground truth "
+            "(dataset: demo, then `dextra seed`)"
         )
     if not paths.decisions.is_file():
         raise InputError(f"{paths.decisions}: not found; run the pipeline up to curate first (`dvc repro curate`)")
@@ -163,6 +165,9 @@ def render(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=".", help="repository root holding data/ (default: .)")
+    parser.add_argument(
+        "--small", action="store_true", help="CI's run (the same work: it is quick); writes under bench/results/small/"
+    )
     args = parser.parse_args(argv)
     root = Path(args.root)
     try:
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"curation_quality: error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(render(result))
-    write_json(root / "bench" / "results" / "curation_quality.json", result)
+    write_json(Paths(root).bench_result("curation_quality", args.small), result)
     return 0
 
 

@@ -40,16 +40,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--small", action="store_true", help="the small size CI runs; writes under bench/results/small/"
+    )
     args = parser.parse_args()
+    repeats = 1 if args.small else args.repeats
     paths, params = Paths(Path(args.root)), load_params(Path(args.root) / "params.yaml")
     bundle = load_clip(paths.clip, pick_device(params.device))
     images = read_tables(shard_files(paths.crawl_shards), columns=["image"]).column("image").to_pylist()
     pixels = preprocess_pixels(bundle.preprocess, [decode_pixels(b) for b in images])
     batch = params.embed.batch_size
     stage, model = [], []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         started = time.perf_counter()
-        embed_images(bundle, images, params)
+        embed_images(bundle, images, batch, params.embed.num_workers)
         stage.append(len(images) / (time.perf_counter() - started))
         model.append(model_only(bundle, pixels, batch))
     result = {
@@ -63,9 +67,10 @@ def main() -> None:
     }
     result["ratio"] = round(result["stage_images_per_s"] / result["model_only_images_per_s"], 3)
     print(
-        f"embed stage {result['stage_images_per_s']:.0f} images/s, model only {result['model_only_images_per_s']:.0f} images/s, ratio {result['ratio']:.2f}"
+        f"embed stage {result['stage_images_per_s']:.0f} images/s, "
+        f"model only {result['model_only_images_per_s']:.0f} images/s, ratio {result['ratio']:.2f}"
     )
-    write_json(paths.root / "bench" / "results" / "embed.json", result)
+    write_json(paths.bench_result("embed", args.small), result)
 
 
 if __name__ == "__main__":

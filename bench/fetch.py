@@ -29,13 +29,13 @@ import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dextra.crawl import fetch, urls  # noqa: E402
 from dextra.crawl.download import CHUNK, download_file  # noqa: E402
 from dextra.crawl.worker import img2dataset_main  # noqa: E402
 from dextra.pipeline.atomic import write_json  # noqa: E402
 from dextra.pipeline.errors import InputError  # noqa: E402
 from dextra.pipeline.params import parse_params  # noqa: E402
 from dextra.pipeline.paths import Paths  # noqa: E402
+from dextra.pipeline.stages import fetch, urls  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES, THREADS = 2, 16
@@ -165,7 +165,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--small", action="store_true", help="CI's size: 200 images, one paired run; writes under bench/results/small/"
+    )
     args = parser.parse_args()
+    if args.small:
+        args.images, args.reps = 200, 1
     shard_size = max(1, args.images // (2 * PROCESSES))
     load_before = os.getloadavg()
 
@@ -221,11 +226,13 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "resume": resume,
     }
-    write_json(ROOT / "bench" / "results" / "fetch.json", result)
+    write_json(Paths(ROOT).bench_result("fetch", args.small), result)
     print(
-        f"fetch: dextra / img2dataset images/s, median of {args.reps} paired runs: {result['median_ratio']:.3f} (target >= 0.95; "
+        f"fetch: dextra / img2dataset images/s, median of {args.reps} paired runs: "
+        f"{result['median_ratio']:.3f} (target >= 0.95; "
         f"per pair {', '.join(f'{r:.3f}' for r in ratios)}); medians {result['dextra_images_per_s']:.0f} vs "
-        f"{result['baseline_images_per_s']:.0f} images/s; load average {load_before[0]:.1f} -> {result['load_average_after'][0]:.1f} "
+        f"{result['baseline_images_per_s']:.0f} images/s; load average {load_before[0]:.1f} -> "
+        f"{result['load_average_after'][0]:.1f} "
         f"on {os.cpu_count()} CPUs"
     )
     print(

@@ -5,6 +5,7 @@ python bench/readme_table.py
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -52,7 +53,8 @@ def rows_embed(r: dict) -> list[tuple[str, str, str]]:
         (
             "embed: stage ÷ model-only images/s",
             f"{r['ratio']:.2f}",
-            f"{r['stage_images_per_s']:.0f} vs {r['model_only_images_per_s']:.0f} images/s, {r['device']}, batch {r['batch_size']}",
+            f"{r['stage_images_per_s']:.0f} vs {r['model_only_images_per_s']:.0f} images/s, "
+            f"{r['device']}, batch {r['batch_size']}",
         )
     ]
 
@@ -77,7 +79,8 @@ def rows_fetch(r: dict) -> list[tuple[str, str, str]]:
         (
             "fetch: dextra ÷ plain img2dataset images/s",
             f"{r['median_ratio']:.2f}",
-            f"median of {r['reps']}; {r['dextra_images_per_s']:.0f} vs {r['baseline_images_per_s']:.0f} images/s, {r['processes']} processes × {r['threads']} threads, loopback",
+            f"median of {r['reps']}; {r['dextra_images_per_s']:.0f} vs {r['baseline_images_per_s']:.0f} images/s, "
+            f"{r['processes']} processes × {r['threads']} threads, loopback",
         ),
         (
             "fetch: resumed list download",
@@ -96,7 +99,8 @@ def rows_train(r: dict) -> list[tuple[str, str, str]]:
                 (
                     f"pretrain ÷ diffusers-example loop ({name}, {run['resolution']} px)",
                     f"{speedup:.2f}",
-                    f"{run['dextra_images_per_s']:.0f} vs {run['baseline_images_per_s']:.0f} images/s, batch {r['batch_size']}, {r['device']}",
+                    f"{run['dextra_images_per_s']:.0f} vs {run['baseline_images_per_s']:.0f} images/s, "
+                    f"batch {r['batch_size']}, {r['device']}",
                 )
             )
     return rows
@@ -112,9 +116,9 @@ RENDERERS = {
 }
 
 
-def table() -> str:
+def table(folder: Path) -> str:
     lines = ["| benchmark | value | against |", "|---|---|---|"]
-    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         render = RENDERERS.get(path.stem)
         if render:
             lines += [f"| {a} | {b} | {c} |" for a, b, c in render(json.loads(path.read_text()))]
@@ -122,9 +126,17 @@ def table() -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--small", action="store_true", help="render bench/results/small/ (CI's runs); README untouched"
+    )
+    args = parser.parse_args()
+    if args.small:
+        print(table(ROOT / "bench" / "results" / "small"))
+        return
     readme = ROOT / "README.md"
     text = readme.read_text()
-    block = f"{START}\n{table()}\n{END}"
+    block = f"{START}\n{table(ROOT / 'bench' / 'results')}\n{END}"
     pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
     text = pattern.sub(block, text) if pattern.search(text) else text.replace(START, block)
     readme.write_text(text)

@@ -51,8 +51,7 @@ from dextra.pipeline.errors import DextraError, InputError
 from dextra.pipeline.params import Params, load_params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import CURATED_SCHEMA, read_tables, shard_files
-from dextra.train import pretrain
-from dextra.train.checkpoint import checkpoint_dir
+from dextra.pipeline.stages import pretrain
 from dextra.train.model import ConditionProjector, build_denoiser, load_vae, vae_downscale
 
 
@@ -145,7 +144,7 @@ def baseline(params: Params, paths: Paths, steps: int) -> dict:
 
 def dextra(params: Params, paths: Paths) -> dict:
     """`dextra pretrain`, from no checkpoint (the cache stays)."""
-    shutil.rmtree(checkpoint_dir(paths, "pretrain"), ignore_errors=True)
+    shutil.rmtree(paths.checkpoints("pretrain"), ignore_errors=True)
     started = time.perf_counter()
     summary = pretrain.run(params, paths)
     return {
@@ -199,9 +198,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per measured run")
     parser.add_argument("--rounds", type=int, default=2, help="measured runs of each, alternating")
     parser.add_argument(
+        "--small", action="store_true", help="CI's size: 10 steps, one round; writes under bench/results/small/"
+    )
+    parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads for both (default: torch's)"
     )
     args = parser.parse_args()
+    if args.small:
+        args.steps, args.rounds = 10, 1
     torch.set_num_threads(args.threads)
     source = Paths(args.root)
     try:
@@ -224,7 +228,7 @@ def main() -> None:
         print(f"bench/train.py: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     write_json(
-        args.root / "bench" / "results" / "train.json",
+        source.bench_result("train", args.small),
         {
             "device": str(pick_device(params.device)),
             "torch_threads": args.threads,

@@ -1,5 +1,5 @@
-"""`fetch` stage: img2dataset downloads every URL that has no status row yet, plus the transient failures
-still under fetch.transient_retries, and each URL ends with exactly one row in data/crawl/status.parquet.
+"""Fetching URL lists with img2dataset: which URLs to fetch (never attempted, or failed transiently fewer than
+1 + fetch.transient_retries times), and the guarded download that gives each exactly one status row.
 
 The stage decides what to fetch from its own record (crawl/status.py), not from img2dataset's incremental
 mode, which misses rows appended to a finished shard and never retries failures. While img2dataset runs, a
@@ -16,7 +16,6 @@ import signal
 import sys
 import tempfile
 import threading
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,18 +23,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dextra.crawl.safety import Policy
-from dextra.crawl.status import CRAWL_STATUS_SCHEMA, commit, consolidate, crawl_lock, next_run, work_root
+from dextra.crawl.status import CRAWL_STATUS_SCHEMA, commit
 from dextra.crawl.worker import guarded_img2dataset, outcome
-from dextra.pipeline.atomic import write_json
 from dextra.pipeline.errors import ParamsError
-from dextra.pipeline.manifest import load_manifest
-from dextra.pipeline.params import FetchParams, Params
+from dextra.pipeline.params import FetchParams
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import URL_SCHEMA, read_tables, sha256_hex, shard_files, write_table
+from dextra.pipeline.shards import URL_SCHEMA, sha256_hex, write_table
 
-IMAGE_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality")
 USER_AGENT_TOKEN = "img2dataset"  # the name X-Robots-Tag directives address img2dataset crawlers by
-OUTCOMES = ("ok", "error", "refused", "opt-out")
 
 
 def _image_rows(ok: pa.Table, encode_format: str) -> pa.Table:
@@ -132,7 +127,7 @@ class _Committer:
             self.sweep()
 
 
-def _check_distributor(fetch: FetchParams) -> None:
+def check_distributor(fetch: FetchParams) -> None:
     """img2dataset's ray distributor silently does nothing when ray is missing: refuse up front instead."""
     install = {"pyspark": "pip install -e '.[spark]'", "ray": "pip install ray"}.get(fetch.distributor)
     if install and importlib.util.find_spec(fetch.distributor) is None:
@@ -141,13 +136,13 @@ def _check_distributor(fetch: FetchParams) -> None:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors must import dextra from this environment
 
 
-def _download(
+def download(
     todo: pa.Table, paths: Paths, run_name: str, attempts: dict[str, int], policy: Policy, fetch: FetchParams
 ) -> list[dict]:
     """Fetch `todo` with img2dataset through the guard; returns the status rows it committed."""
-    work_root(paths).mkdir(parents=True, exist_ok=True)
+    paths.crawl_work.mkdir(parents=True, exist_ok=True)
     work = Path(
-        tempfile.mkdtemp(prefix=f"{run_name}-", dir=work_root(paths))
+        tempfile.mkdtemp(prefix=f"{run_name}-", dir=paths.crawl_work)
     )  # unique: a killed run's workers never write here
     write_table(todo, work / "input.parquet", URL_SCHEMA)
     out = work / "out"
@@ -206,34 +201,16 @@ def _download(
     return rows
 
 
-def _check_image_settings(paths: Paths, fetch: FetchParams) -> None:
-    """data/crawl persists and fetched URLs are never fetched again, so a run with other image settings would store
-    new images unlike the old ones without a word. Refuse it, naming the setting and both ways on."""
-    record = paths.crawl / "image_settings.json"
-    wanted = {name: getattr(fetch, name) for name in IMAGE_SETTINGS}
-    stored = json.loads(record.read_text()) if record.exists() else wanted
-    changed = [name for name in IMAGE_SETTINGS if stored.get(name) != wanted[name]]
-    if changed and shard_files(paths.crawl_shards):
-        raise ParamsError(
-            "; ".join(
-                f"fetch.{name}: {wanted[name]!r}, but the images in {paths.crawl_shards} were stored with {stored.get(name)!r}"
-                for name in changed
-            )
-            + f". Fetched URLs are never fetched again, so only new ones would get the new setting: set it back, or delete {paths.crawl} to fetch every URL again"
-        )
-    write_json(record, wanted)
-
-
-def _retryable(status: pa.Table, transient_retries: int) -> pa.ChunkedArray:
+def retryable(status: pa.Table, transient_retries: int) -> pa.ChunkedArray:
     """Rows whose failure was transient and that have been tried at most `transient_retries` times."""
     return pc.and_(status["transient"], pc.less_equal(status["attempts"], transient_retries))
 
 
-def _select(urls: pa.Table, status: pa.Table, transient_retries: int) -> tuple[pa.Table, dict]:
+def select(urls: pa.Table, status: pa.Table, transient_retries: int) -> tuple[pa.Table, dict]:
     """The rows to fetch: never attempted, or failed transiently fewer than 1 + transient_retries times.
     In manifest order, a URL in several lists is fetched once, with the text/query/class of the first."""
     attempted = set(status["url_id"].to_pylist())
-    retryable = set(status.filter(_retryable(status, transient_retries))["url_id"].to_pylist())
+    retry = set(status.filter(retryable(status, transient_retries))["url_id"].to_pylist())
     seen: set[str] = set()
     keep, new, duplicates = [], 0, 0
     for i, key in enumerate(urls["url_id"].to_pylist()):
@@ -241,48 +218,8 @@ def _select(urls: pa.Table, status: pa.Table, transient_retries: int) -> tuple[p
             duplicates += 1
             continue
         seen.add(key)
-        if key not in attempted or key in retryable:
+        if key not in attempted or key in retry:
             keep.append(i)
             new += key not in attempted
     summary = {"listed": urls.num_rows, "new": new, "retried": len(keep) - new, "duplicates": duplicates}
     return urls.take(pa.array(keep, pa.int64())), summary
-
-
-def _report(summary: dict, rows: list[dict], status: pa.Table, transient_retries: int) -> dict:
-    """`summary` with this run's outcomes, which are also printed as a table beside the totals of all runs."""
-    this_run = Counter(r["status"] for r in rows)
-    reasons = Counter(r["error"].split(": ")[0] for r in rows if r["status"] != "ok")
-    total = Counter(status["status"].to_pylist())
-    waiting = pc.sum(_retryable(status, transient_retries)).as_py() or 0
-    lines = [
-        f"dextra fetch: {len(rows)} URLs fetched ({summary['new']} new, {summary['retried']} retried)",
-        f"  {'outcome':<10}{'this run':>10}{'all URLs':>10}",
-    ]
-    lines += [f"  {name:<10}{this_run.get(name, 0):>10}{total.get(name, 0):>10}" for name in OUTCOMES]
-    lines.append(
-        f"  {waiting} transient error(s) will be retried by the next run (fetch.transient_retries: {transient_retries})"
-    )
-    if reasons:
-        lines.append("  reasons this run: " + ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common(10)))
-    print("\n".join(lines), flush=True)
-    outcomes = {name: this_run.get(name, 0) for name in OUTCOMES}
-    return {**summary, **outcomes, "transient": sum(r["transient"] for r in rows), "reasons": dict(reasons)}
-
-
-def run(params: Params, paths: Paths) -> dict:
-    manifest = load_manifest(params.dataset, paths)
-    fetch = params.fetch
-    policy = Policy.from_params(fetch, manifest)
-    _check_distributor(fetch)
-    with crawl_lock(paths):
-        status = consolidate(paths)  # what a killed run committed counts; what it left half-done goes
-        urls = read_tables([paths.urls / f"{s.name}.parquet" for s in manifest.sources], URL_SCHEMA)
-        todo, summary = _select(urls, status, fetch.transient_retries)
-        if not todo.num_rows:
-            return summary
-        _check_image_settings(paths, fetch)
-        summary["run"] = run_name = next_run(paths)
-        attempts = dict(zip(status["url_id"].to_pylist(), status["attempts"].to_pylist()))
-        rows = _download(todo, paths, run_name, attempts, policy, fetch)
-        status = consolidate(paths)
-    return _report(summary, rows, status, fetch.transient_retries)

@@ -36,19 +36,6 @@ CRAWL_STATUS_SCHEMA = pa.schema(
 _RUN = re.compile(r"^run(\d+)-")
 
 
-def journal_dir(paths: Paths) -> Path:
-    return paths.crawl / "journal"
-
-
-def stats_dir(paths: Paths) -> Path:
-    return paths.crawl / "stats"
-
-
-def work_root(paths: Paths) -> Path:
-    """img2dataset's input and output folders, one per run; they only live while their run does."""
-    return paths.crawl / ".img2dataset"
-
-
 def _run_number(name: str) -> int:
     match = _RUN.match(name)
     return int(match.group(1)) if match else 0
@@ -57,7 +44,7 @@ def _run_number(name: str) -> int:
 def next_run(paths: Paths) -> str:
     names = [
         p.name
-        for folder in (paths.crawl_shards, stats_dir(paths), journal_dir(paths))
+        for folder in (paths.crawl_shards, paths.crawl_stats, paths.crawl_journal)
         if folder.exists()
         for p in folder.iterdir()
     ]
@@ -91,7 +78,7 @@ def _with_defaults(table: pa.Table) -> pa.Table:
 
 
 def _journal(paths: Paths) -> list[Path]:
-    return sorted(shard_files(journal_dir(paths)), key=lambda p: (_run_number(p.name), p.name))
+    return sorted(shard_files(paths.crawl_journal), key=lambda p: (_run_number(p.name), p.name))
 
 
 def read_status(paths: Paths) -> pa.Table:
@@ -111,8 +98,8 @@ def commit(paths: Paths, name: str, status: pa.Table, images: pa.Table | None, s
     if images is not None and images.num_rows:
         write_table(images, paths.crawl_shards / f"{name}.parquet")
     if stats is not None:
-        write_bytes(stats_dir(paths) / f"{name}_stats.json", stats)
-    write_table(status, journal_dir(paths) / f"{name}.parquet", CRAWL_STATUS_SCHEMA)
+        write_bytes(paths.crawl_stats / f"{name}_stats.json", stats)
+    write_table(status, paths.crawl_journal / f"{name}.parquet", CRAWL_STATUS_SCHEMA)
 
 
 def consolidate(paths: Paths) -> pa.Table:
@@ -123,9 +110,9 @@ def consolidate(paths: Paths) -> pa.Table:
         write_table(status, paths.crawl_status, CRAWL_STATUS_SCHEMA)
         for part in journal:
             part.unlink()
-    shutil.rmtree(journal_dir(paths), ignore_errors=True)
-    shutil.rmtree(work_root(paths), ignore_errors=True)
-    for folder in (paths.crawl, paths.crawl_shards, stats_dir(paths)):
+    shutil.rmtree(paths.crawl_journal, ignore_errors=True)
+    shutil.rmtree(paths.crawl_work, ignore_errors=True)
+    for folder in (paths.crawl, paths.crawl_shards, paths.crawl_stats):
         for tmp in folder.glob(".*.tmp"):  # atomic writes cut short by a kill
             shutil.rmtree(tmp, ignore_errors=True)
     named = set(status.filter(pc.equal(status["status"], "ok"))["shard"].to_pylist())

@@ -1,4 +1,4 @@
-"""`urls` stage: every URL list of the manifest becomes data/urls/<source>.parquet (URL_SCHEMA).
+"""URL lists: read one source's list, normalise its URLs and give each a stable id (URL_SCHEMA rows).
 
 A URL's id is a hash of its normalised form, so the same image link keeps the same id across lists,
 reorderings and re-runs; that is what lets `fetch` fetch only what it has never attempted.
@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dextra.crawl.download import download_file
 from dextra.pipeline.errors import InputError
-from dextra.pipeline.manifest import UrlSource, load_manifest
-from dextra.pipeline.params import Params
-from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import URL_SCHEMA, shard_files, write_table
+from dextra.pipeline.manifest import UrlSource
+from dextra.pipeline.shards import URL_SCHEMA
 
 _AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$", re.DOTALL)
 
@@ -38,11 +34,6 @@ def normalize_url(url: str) -> str:
 
 def url_id(normalized_url: str) -> str:
     return hashlib.sha256(normalized_url.encode("utf-8")).hexdigest()[:16]
-
-
-def download_path(paths: Paths, source: UrlSource) -> Path:
-    """Downloaded lists are cached beside the parquet lists, so an unchanged manifest downloads nothing."""
-    return paths.urls / "downloads" / f"{source.name}.{source.format}"
 
 
 def _read_list(path: Path, fmt: str) -> pd.DataFrame:
@@ -97,33 +88,3 @@ def build_list(source: UrlSource, path: Path) -> tuple[pa.Table, dict]:
         schema=URL_SCHEMA,
     )
     return table, {"urls": len(rows), "duplicates": duplicates, "empty": empty}
-
-
-def run(params: Params, paths: Paths) -> dict:
-    manifest = load_manifest(params.dataset, paths)
-    # Read every source before writing any, so one broken source leaves all lists as they were.
-    tables, summary = {}, {}
-    for source in manifest.sources:
-        path = (
-            download_file(source.url, download_path(paths, source), source.sha256, label=source.name)
-            if source.url
-            else paths.root / source.path
-        )
-        tables[source.name], summary[source.name] = build_list(source, path)
-    for name, table in tables.items():
-        write_table(table, paths.urls / f"{name}.parquet", URL_SCHEMA)
-    removed = [p.stem for p in shard_files(paths.urls) if p.stem not in tables]
-    for stem in removed:
-        (paths.urls / f"{stem}.parquet").unlink()
-    keep = {download_path(paths, s).name for s in manifest.sources if s.url}
-    for stale in (
-        *paths.urls.glob(".*.tmp"),
-        *(paths.urls / "downloads").glob("*"),
-    ):  # .tmp: writes cut short by a kill
-        if stale.name.removesuffix(".json").removesuffix(".part").removesuffix(".bad") in keep:
-            continue
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
-    return {"sources": summary, "removed": removed}

@@ -70,8 +70,9 @@ def cluster_detector(
     return labels, seed_similarity(seed_index, centres, k)[centre_of]
 
 
-class ClassDetector:
-    """Detector 2: a classifier (scikit-learn logistic regression) trained on the seed train embeddings and classes."""
+class SeedClassifier:
+    """The class detector's classifier (scikit-learn logistic regression) trained on the seed train embeddings and
+    classes."""
 
     def __init__(self, seed: np.ndarray, classes: Sequence[str], regularisation: float, random_state: int):
         self.model = LogisticRegression(C=regularisation, max_iter=2000, random_state=random_state)

@@ -1,33 +1,15 @@
-"""The `embed` stage: CLIP embeddings of seed images, every seed caption and every crawled image.
-
-One output file per input shard (data/embeddings/<kind>/<shard>.parquet, ids beside L2-normalised float16
-vectors; image files also carry each image's perceptual hash, computed here because the image is decoded here
-anyway). data/embeddings/index.json records the model fingerprint and each input's sha256, so a re-run embeds
-only new or changed shards, and a new CLIP model (or output format) re-embeds everything.
-"""
+"""Embedding encoded images with a CLIP model, a batch at a time: decoded, preprocessed and perceptually hashed
+together (the pHash is computed here because the image is decoded here anyway)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from dextra.filter.clip import CHECKPOINT, ClipBundle, decode_pixels, load_clip, preprocess_pixels
-from dextra.filter.dedup import HASH_BYTES, phashes
-from dextra.pipeline.atomic import write_json
-from dextra.pipeline.device import pick_device
-from dextra.pipeline.params import Params
-from dextra.pipeline.paths import EMBEDDING_KINDS, Paths
-from dextra.pipeline.shards import file_sha256, read_table, shard_files, write_embeddings
-
-INDEX = "index.json"
-FORMAT = 2  # 2: image files carry a `phash` column
+from dextra.filter.clip import ClipBundle, decode_pixels, preprocess_pixels
+from dextra.filter.dedup import phashes
 
 
 class _ShardBatches(Dataset):
@@ -47,10 +29,12 @@ class _ShardBatches(Dataset):
 
 
 @torch.no_grad()
-def embed_images(bundle: ClipBundle, images: list[bytes], params: Params) -> tuple[np.ndarray, list[bytes]]:
+def embed_images(
+    bundle: ClipBundle, images: list[bytes], batch_size: int = 256, num_workers: int = 0
+) -> tuple[np.ndarray, list[bytes]]:
     """L2-normalised CLIP embeddings (n, d) and pHashes of encoded images."""
-    batches = _ShardBatches(images, bundle.preprocess, params.embed.batch_size)
-    loader = DataLoader(batches, batch_size=None, num_workers=params.embed.num_workers)
+    batches = _ShardBatches(images, bundle.preprocess, batch_size)
+    loader = DataLoader(batches, batch_size=None, num_workers=num_workers)
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=bundle.device.type == "cuda")
     out, hashes = [], []
     for pixels, batch_hashes in loader:
@@ -59,67 +43,3 @@ def embed_images(bundle: ClipBundle, images: list[bytes], params: Params) -> tup
         out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
         hashes += [h.tobytes() for h in np.asarray(batch_hashes)]
     return (np.concatenate(out) if out else np.zeros((0, bundle.embed_dim), np.float32)), hashes
-
-
-def _jobs(paths: Paths) -> list[tuple[str, Path, Path]]:
-    """(kind, input shard, output file) for everything that should be embedded."""
-    jobs = []
-    for split in ("train", "test"):
-        source = paths.seed_split(split)
-        jobs.append(("seed_images", source, paths.embedding_file("seed_images", split)))
-        jobs.append(("seed_captions", source, paths.embedding_file("seed_captions", split)))
-    for shard in shard_files(paths.crawl_shards):
-        jobs.append(("crawl_images", shard, paths.embedding_file("crawl_images", shard.stem)))
-    return jobs
-
-
-def _embed_one(bundle: ClipBundle, kind: str, source: Path, target: Path, params: Params) -> int:
-    if kind == "seed_captions":
-        table = read_table(source, columns=["id", "captions"])
-        ids, captions = [], []
-        for image_id, texts in zip(table.column("id").to_pylist(), table.column("captions").to_pylist()):
-            ids += [image_id] * len(texts)
-            captions += texts
-        vectors = bundle.encode_texts(captions, params.embed.batch_size)
-        write_embeddings(target, ids, vectors, extra={"caption": captions})
-        return len(captions)
-    table = read_table(source, columns=["id", "image"])
-    vectors, hashes = embed_images(bundle, table.column("image").to_pylist(), params)
-    write_embeddings(
-        target, table.column("id").to_pylist(), vectors, extra={"phash": pa.array(hashes, pa.binary(HASH_BYTES))}
-    )
-    return table.num_rows
-
-
-def run(params: Params, paths: Paths) -> dict:
-    device = pick_device(params.device)
-    model_sha = file_sha256(paths.clip / CHECKPOINT) if (paths.clip / CHECKPOINT).exists() else None
-    index_path = paths.embeddings / INDEX
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    current = index.get("model") == model_sha and index.get("format") == FORMAT
-    done: dict[str, str] = index.get("inputs", {}) if current else {}
-
-    jobs = _jobs(paths)
-    wanted = {str(target.relative_to(paths.embeddings)) for _, _, target in jobs}
-    for kind in EMBEDDING_KINDS:  # outputs of shards that are gone, or of another model
-        for stale in (paths.embeddings / kind).glob("*.parquet"):
-            rel = str(stale.relative_to(paths.embeddings))
-            if rel not in wanted or rel not in done:
-                stale.unlink()
-                done.pop(rel, None)
-
-    bundle = load_clip(paths.clip, device)
-    counts = {kind: 0 for kind in EMBEDDING_KINDS}
-    skipped = 0
-    for kind, source, target in tqdm(jobs, desc="embed", unit="shard"):
-        rel, source_sha = str(target.relative_to(paths.embeddings)), file_sha256(source)
-        if done.get(rel) == source_sha and target.exists():
-            skipped += 1
-            continue
-        counts[kind] += _embed_one(bundle, kind, source, target, params)
-        done[rel] = source_sha
-        write_json(
-            index_path, {"model": model_sha, "format": FORMAT, "inputs": done}
-        )  # after each shard: a killed run keeps its work
-    write_json(index_path, {"model": model_sha, "format": FORMAT, "inputs": done})
-    return {"embedded": counts, "shards_skipped": skipped, "dim": bundle.embed_dim}

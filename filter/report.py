@@ -1,46 +1,39 @@
-"""The `report` stage: data/report/index.html, one self-contained page (images inline) showing what curate
-kept and dropped and why, so a person can check the thresholds before spending GPU days on the result."""
+"""The curation report: one self-contained HTML page (images inline) showing what curate kept and dropped and why,
+so a person can check the thresholds before spending GPU days on the result."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
-import json
 import random
+from dataclasses import dataclass
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dextra.pipeline.atomic import write_bytes  # noqa: E402
-from dextra.pipeline.errors import InputError  # noqa: E402
-from dextra.pipeline.params import Params  # noqa: E402
-from dextra.pipeline.paths import Paths  # noqa: E402
-from dextra.pipeline.shards import (  # noqa: E402
-    CURATED_SCHEMA,
-    DECISION_OUTCOMES,
-    DECISION_SCHEMA,
-    read_table,
-    read_tables,
-    shard_files,
-)
-from dvclive import Live  # noqa: E402
+from dextra.pipeline.shards import DECISION_OUTCOMES  # noqa: E402
 
 THUMB = 96
-STYLE = """
+STYLE = (
+    """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222;line-height:1.35}
 nav a{margin-right:1em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right;vertical-align:top}
 th:first-child,td:first-child{text-align:left}td.why,th.why{text-align:left}td.why{color:#555}
-.plots{display:flex;flex-wrap:wrap;gap:.5em}.plots img{max-width:100%%}
-.gallery{display:flex;flex-wrap:wrap;gap:.6em}.card{width:%dpx;font-size:11px;overflow-wrap:anywhere}
-.card img{width:%dpx;height:%dpx;object-fit:contain;background:#eee;image-rendering:pixelated}
-.pair{display:flex;gap:.3em;padding:.3em;border:1px solid #e3c0c0;border-radius:4px}.kept td{text-align:left}
-""" % (THUMB, THUMB, THUMB)
+.plots{display:flex;flex-wrap:wrap;gap:.5em}.plots img{max-width:100%}
+"""
+    f""".gallery{{display:flex;flex-wrap:wrap;gap:.6em}}.card{{width:{THUMB}px;font-size:11px;overflow-wrap:anywhere}}
+.card img{{width:{THUMB}px;height:{THUMB}px;object-fit:contain;background:#eee;image-rendering:pixelated}}
+"""
+    """.pair{display:flex;gap:.3em;padding:.3em;border:1px solid #e3c0c0;border-radius:4px}.kept td{text-align:left}
+"""
+)
 # What each outcome means, for the table (curate applies the drops in this order; the first one that fits is shown).
 OUTCOME_MEANING = {
     "kept": "joins the extra set, with an extrapolated text embedding",
@@ -109,30 +102,43 @@ def _score_lines(row: dict) -> list[str]:
     return lines
 
 
-def render(params: Params, paths: Paths) -> tuple[str, dict[str, bytes]]:
-    """The page, and the score histograms as PNGs by name (for dvclive)."""
-    decisions = read_table(paths.decisions, DECISION_SCHEMA)
-    summary = json.loads(paths.curate_summary.read_text())
-    crawl = read_tables(shard_files(paths.crawl_shards), columns=["id", "image"])
-    images = dict(zip(crawl.column("id").to_pylist(), crawl.column("image").to_pylist()))
-    test = read_table(paths.seed_split("test"), columns=["id", "image"])
-    test_images = dict(zip(test.column("id").to_pylist(), test.column("image").to_pylist()))
+@dataclass
+class ReportInputs:
+    """What the page shows: curate's decisions (a DECISION_SCHEMA table) and summary, the crawled and seed test
+    images by id, and the curated rows (id, image, query, neighbor_captions, neighbor_weights)."""
+
+    dataset: str
+    decisions: pa.Table
+    summary: dict
+    crawl_images: dict[str, bytes]
+    test_images: dict[str, bytes]
+    curated: list[dict]
+
+
+def render(
+    inputs: ReportInputs, gallery_size: int, min_class_confidence: float, seed: int
+) -> tuple[str, dict[str, bytes]]:
+    """The page, and the score histograms as PNGs by name (for dvclive); galleries are seeded samples."""
+    decisions, summary, images, test_images = inputs.decisions, inputs.summary, inputs.crawl_images, inputs.test_images
     rows = decisions.to_pylist()
-    rng = random.Random(params.seed)
-    n = params.report.gallery_size
+    rng = random.Random(seed)
+    n = gallery_size
 
     counts = {c["values"]: c["counts"] for c in pc.value_counts(decisions.column("outcome")).to_pylist()}
     parts = [
-        f"<h1>Curation report: {html.escape(params.dataset)}</h1>",
+        f"<h1>Curation report: {html.escape(inputs.dataset)}</h1>",
         "<nav><a href='#outcomes'>outcomes</a><a href='#scores'>scores</a><a href='#galleries'>galleries</a>"
         "<a href='#leaks'>leaks</a><a href='#extrapolated'>extrapolated text</a></nav>",
-        f"<p>{len(rows)} crawled URLs; {counts.get('kept', 0)} kept. Thumbnails show their scores below and on hover.</p>",
-        "<h2 id='outcomes'>Outcomes</h2><table id='outcome-table'><tr><th>outcome</th><th>URLs</th><th>share</th><th class='why'>meaning</th></tr>",
+        f"<p>{len(rows)} crawled URLs; {counts.get('kept', 0)} kept. "
+        "Thumbnails show their scores below and on hover.</p>",
+        "<h2 id='outcomes'>Outcomes</h2><table id='outcome-table'>"
+        "<tr><th>outcome</th><th>URLs</th><th>share</th><th class='why'>meaning</th></tr>",
     ]
     for outcome in DECISION_OUTCOMES:
         count = counts.get(outcome, 0)
         parts.append(
-            f"<tr data-outcome='{outcome}'><td>{outcome}</td><td class='count'>{count}</td><td>{count / max(1, len(rows)):.1%}</td>"
+            f"<tr data-outcome='{outcome}'><td>{outcome}</td><td class='count'>{count}</td>"
+            f"<td>{count / max(1, len(rows)):.1%}</td>"
             f"<td class='why'>{OUTCOME_MEANING[outcome]}</td></tr>"
         )
     parts.append("</table>")
@@ -147,7 +153,7 @@ def render(params: Params, paths: Paths) -> tuple[str, dict[str, bytes]]:
             thresholds.get("cluster"),
             "similarity of the image's cluster centre to the seed (cluster detector)",
         ),
-        ("class_confidence", params.curate.min_class_confidence, "classifier confidence (class detector)"),
+        ("class_confidence", min_class_confidence, "classifier confidence (class detector)"),
         (
             "leak_hash_distance",
             summary["leak_hash_distance"],
@@ -165,7 +171,8 @@ def render(params: Params, paths: Paths) -> tuple[str, dict[str, bytes]]:
         group = [r for r in rows if r["outcome"] == outcome]
         sample = rng.sample(group, min(n, len(group)))
         parts.append(
-            f"<h3>{html.escape(outcome)} ({len(group)}; {len(sample)} shown)</h3><div class='gallery' data-outcome='{outcome}'>"
+            f"<h3>{html.escape(outcome)} ({len(group)}; {len(sample)} shown)</h3>"
+            f"<div class='gallery' data-outcome='{outcome}'>"
         )
         parts.extend(_card(images.get(r["url_id"]), _score_lines(r)) for r in sample)
         parts.append("</div>")
@@ -177,15 +184,12 @@ def render(params: Params, paths: Paths) -> tuple[str, dict[str, bytes]]:
     for r in leaks[:n]:
         crawled = _card(images.get(r["url_id"]), ["crawled", r["url_id"], f"pHash bits {r['leak_hash_distance']}"])
         parts.append(
-            f"<div class='pair' data-leak-of='{html.escape(r['leak_of'])}'>{crawled}{_card(test_images.get(r['leak_of']), ['seed test', r['leak_of']])}</div>"
+            f"<div class='pair' data-leak-of='{html.escape(r['leak_of'])}'>{crawled}"
+            f"{_card(test_images.get(r['leak_of']), ['seed test', r['leak_of']])}</div>"
         )
     parts.append("</div>")
 
-    curated = read_tables(
-        shard_files(paths.curated_shards),
-        CURATED_SCHEMA,
-        columns=["id", "image", "query", "neighbor_captions", "neighbor_weights"],
-    ).to_pylist()
+    curated = inputs.curated
     parts.append(
         "<h2 id='extrapolated'>Extrapolated text of sample kept images</h2>"
         "<p>Each kept image trains with a weighted mix of its nearest seed images' caption embeddings.</p>"
@@ -196,19 +200,12 @@ def render(params: Params, paths: Paths) -> tuple[str, dict[str, bytes]]:
             f"{html.escape(c)} ({w:+.2f})" for c, w in zip(r["neighbor_captions"], r["neighbor_weights"])
         )
         parts.append(
-            f"<tr><td><img src='{data_uri(r['image'], 64)}'></td><td>{html.escape(r['query'] or '')}</td><td>{neighbours}</td></tr>"
+            f"<tr><td><img src='{data_uri(r['image'], 64)}'></td><td>{html.escape(r['query'] or '')}</td>"
+            f"<td>{neighbours}</td></tr>"
         )
     parts.append("</table>")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>dextra curation report</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>dextra curation report</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )
     return page, histograms
-
-
-def run(params: Params, paths: Paths) -> dict:
-    if not paths.decisions.exists():
-        raise InputError(f"{paths.decisions}: not found (run `dextra curate` first)")
-    page, histograms = render(params, paths)
-    write_bytes(paths.report / "index.html", page.encode())
-    with Live(dir=str(paths.live("report")), save_dvc_exp=False, dvcyaml=None) as live:
-        for name, png in histograms.items():
-            live.log_image(f"{name}.png", Image.open(io.BytesIO(png)))
-    return {"report": str(paths.report / "index.html"), "bytes": len(page)}

@@ -13,55 +13,56 @@ from pathlib import Path
 # stage -> (module with run(params, paths), one paragraph for --help)
 STAGES: dict[str, tuple[str, str]] = {
     "seed": (
-        "dextra.pipeline.seed",
+        "dextra.pipeline.stages.seed",
         "Import the seed set named by `dataset` (its manifest's `seed:`) into data/seed/{train,test}.parquet. "
         "For the demo this generates coloured digits, and the synthetic web the later stages crawl.",
     ),
     "urls": (
-        "dextra.crawl.urls",
+        "dextra.pipeline.stages.urls",
         "Read every URL list of the manifest's `sources:` and write data/urls/<source>.parquet with a stable "
         "url_id per URL and the query/class each URL was found with.",
     ),
     "fetch": (
-        "dextra.crawl.fetch",
+        "dextra.pipeline.stages.fetch",
         "Download the images of every URL never attempted before, with img2dataset, into data/crawl/shards/, "
         "and record one status row per URL in data/crawl/status.parquet.",
     ),
     "clip": (
-        "dextra.filter.clip",
+        "dextra.pipeline.stages.clip",
         "Load the open_clip model named in params (pretrained tag or local checkpoint), optionally train it "
         "contrastively on the seed pairs, and save it to models/clip/.",
     ),
     "embed": (
-        "dextra.filter.embed",
+        "dextra.pipeline.stages.embed",
         "Compute CLIP image embeddings of seed and crawled images and text embeddings of every seed caption, "
         "into data/embeddings/. Shards embedded before with the same model are skipped.",
     ),
     "curate": (
-        "dextra.filter.curate",
+        "dextra.pipeline.stages.curate",
         "Decide which crawled images join the extra set (fetch errors, duplicates, leaks of seed test images, "
         "distance to the seed set) and give each kept image an extrapolated text embedding. Writes "
         "data/curated/decisions.parquet (one row per URL) and data/curated/shards/.",
     ),
     "report": (
-        "dextra.filter.report",
+        "dextra.pipeline.stages.report",
         "Write data/report/index.html: counts per outcome, score histograms and galleries of kept and dropped images.",
     ),
     "pretrain": (
-        "dextra.train.pretrain",
+        "dextra.pipeline.stages.pretrain",
         "Train the text-conditional diffusion model on the curated extra set; weights in models/pretrain/.",
     ),
     "finetune": (
-        "dextra.train.finetune",
-        "Fine-tune the pretrained model on the seed train set, starting from its EMA weights; weights in models/finetune/.",
+        "dextra.pipeline.stages.finetune",
+        "Fine-tune the pretrained model on the seed train set, starting from its EMA weights; "
+        "weights in models/finetune/.",
     ),
     "baseline": (
-        "dextra.train.baseline",
+        "dextra.pipeline.stages.baseline",
         "With evaluate.baseline: train the same model from scratch on the seed train set alone, for as many steps as "
         "pretrain and finetune together; weights in models/baseline/. Without it, only leave a note.",
     ),
     "evaluate": (
-        "dextra.train.evaluate",
+        "dextra.pipeline.stages.evaluate",
         "Sample images for seed test captions and write CLIP-FD (and FID with evaluate.inception_weights), CLIP "
         "score and GT CLIP score to metrics/eval.json, beside the seed-only baseline's with evaluate.baseline, "
         "with sample grids under dvclive/evaluate/.",

@@ -33,7 +33,7 @@ IMAGE_SCHEMA = pa.schema(
 )
 SPLITS = ("train", "test", "extra")
 
-# Columns curate adds to the extra rows it keeps (DESIGN.md "Shard schema").
+# Columns curate adds to the extra rows it keeps (docs/architecture.md, "Shard schema").
 CURATED_FIELDS = [
     pa.field("text_embedding", pa.list_(pa.float16()), nullable=False),
     pa.field("neighbor_ids", pa.list_(pa.string()), nullable=False),

@@ -1,32 +1,19 @@
-"""Shared fixtures: params built from the repository's params.yaml with small overrides, and tiny images."""
+"""Shared fixtures: params built from the repository's params.yaml with small overrides, tiny images, and the
+loopback guard every test runs under."""
 
 from __future__ import annotations
 
-import copy
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
+from tests.helpers import repo_params, repo_params_dict
+from tests.helpers.web import guard_loopback
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _merge(base: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def repo_params_dict(**overrides) -> dict:
-    """The repository's params.yaml as a dict, merged with nested overrides."""
-    return _merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
 
 
 @pytest.fixture
@@ -35,10 +22,14 @@ def params_dict():
 
 
 @pytest.fixture
-def make_params(params_dict):
-    from dextra.pipeline.params import parse_params
+def make_params():
+    return repo_params
 
-    return lambda **overrides: parse_params(params_dict(**overrides))
+
+@pytest.fixture(autouse=True, scope="session")
+def loopback_only():
+    """Every test runs under the guard that refuses any connection off loopback (tests/helpers/web.py)."""
+    return guard_loopback()
 
 
 def encode_png(array: np.ndarray) -> bytes:

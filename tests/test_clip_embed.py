@@ -8,12 +8,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from dextra.filter import clip, embed
+from dextra.filter import clip
+from dextra.filter.clip_training import augment, train_contrastive
+from dextra.filter.embed import embed_images
 from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import read_embeddings, sha256_hex, write_table
+from dextra.pipeline.stages import clip as clip_stage
+from dextra.pipeline.stages import embed
 
 TINY = "dextra-digits-tiny"  # the stage's mechanics on a model that learns in a few steps (no batch norm to warm up)
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -54,7 +58,7 @@ def seeded(tmp_path, png, make_params):
 
 def test_clip_trains_saves_and_loads_back(seeded):
     paths, params = seeded
-    summary = clip.run(params, paths)
+    summary = clip_stage.run(params, paths)
     epochs = json.loads((paths.clip / clip.MODEL_INFO).read_text())["epochs"]
     assert 1 <= len(epochs) <= 12 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     best = min(epochs, key=lambda e: e["heldout_loss"])
@@ -79,7 +83,7 @@ def test_clip_stops_early_and_keeps_the_best_epoch(seeded):
     diverging = params.model_copy(
         update={"clip": params.clip.model_copy(update={"train_epochs": 30, "lr": 5.0, "patience": 2})}
     )
-    clip.run(diverging, paths)
+    clip_stage.run(diverging, paths)
     epochs = json.loads((paths.clip / clip.MODEL_INFO).read_text())["epochs"]
     assert len(epochs) < 30  # stopped: the held-out loss stopped improving
     best = min(
@@ -94,13 +98,14 @@ def test_clip_stops_early_and_keeps_the_best_epoch(seeded):
 def test_augment_is_seeded_and_changes_no_colour():
     rng = np.random.default_rng(0)
     digits = torch.tensor(rng.random((6, 3, 32, 32)), dtype=torch.float32)
-    first = clip.augment(digits, torch.Generator().manual_seed(1))
+    first = augment(digits, torch.Generator().manual_seed(1))
     assert first.shape == digits.shape and 0 <= first.min() and first.max() <= 1
-    assert torch.equal(first, clip.augment(digits, torch.Generator().manual_seed(1)))
-    assert not torch.allclose(first, clip.augment(digits, torch.Generator().manual_seed(2)))
-    # A plain image keeps its colour whatever the draw (up to the light pixel noise): the caption's colour words stay true.
+    assert torch.equal(first, augment(digits, torch.Generator().manual_seed(1)))
+    assert not torch.allclose(first, augment(digits, torch.Generator().manual_seed(2)))
+    # A plain image keeps its colour whatever the draw (up to the light pixel noise): the caption's colour words stay
+    # true.
     plain = torch.tensor(list(COLOURS.values()), dtype=torch.float32).div(255).view(4, 3, 1, 1).expand(4, 3, 32, 32)
-    out = clip.augment(plain.contiguous(), torch.Generator().manual_seed(3))
+    out = augment(plain.contiguous(), torch.Generator().manual_seed(3))
     assert torch.allclose(out.mean((2, 3)), plain.mean((2, 3)), atol=0.03) and (out - plain).abs().max() < 0.25
 
 
@@ -126,10 +131,9 @@ def test_class_loss_teaches_what_captions_do_not_say(tmp_path, png, make_params)
         )
         torch.manual_seed(0)
         bundle = clip.create(params.clip.model, None, torch.device("cpu"))
-        history = clip.train_contrastive(
-            bundle, images, captions, params, classes if with_classes else [None] * len(images)
-        )
-        vectors = torch.from_numpy(embed.embed_images(bundle, images, params)[0])
+        labels = classes if with_classes else [None] * len(images)
+        history = train_contrastive(bundle, images, captions, params.clip, params.seed, labels)
+        vectors = torch.from_numpy(embed_images(bundle, images, params.embed.batch_size)[0])
         same = torch.tensor([[a == b for b in classes] for a in classes])
         similarity = vectors @ vectors.T
         return history, float(similarity[same].mean() - similarity[~same].mean())
@@ -146,7 +150,7 @@ def test_clip_bad_inputs(tmp_path, make_params):
     with pytest.raises(ParamsError, match="clip.model"):
         clip.create("no-such-model", None, torch.device("cpu"))
     with pytest.raises(InputError, match="train.parquet: file not found"):
-        clip.run(make_params(clip={"train_epochs": 1}), Paths(tmp_path))
+        clip_stage.run(make_params(clip={"train_epochs": 1}), Paths(tmp_path))
     assert not (tmp_path / "models").exists()
     with pytest.raises(InputError, match="run `dextra clip` first"):
         clip.load_clip(tmp_path / "models" / "clip")
@@ -186,13 +190,13 @@ def test_batched_decoding_and_preprocessing_match_pil_image_by_image(seeded):
     ).abs().mean() < 0.01  # torch's and PIL's bicubic differ a little where an image is resized
     same_size = [i for i, data in enumerate(files) if min(Image.open(io.BytesIO(data)).size) == 32]
     assert torch.allclose(batched[same_size], one_by_one[same_size], atol=1e-5)  # only cropped: the same pixels
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError):
         clip.decode_pixels(b"<html>not an image</html>")
 
 
 def test_embed_is_incremental(seeded, png):
     paths, params = seeded
-    clip.run(params.model_copy(update={"clip": params.clip.model_copy(update={"train_epochs": 1})}), paths)
+    clip_stage.run(params.model_copy(update={"clip": params.clip.model_copy(update={"train_epochs": 1})}), paths)
     first = embed.run(params, paths)
     assert first["embedded"] == {"seed_images": 40, "seed_captions": 80, "crawl_images": 0}
 
@@ -213,5 +217,7 @@ def test_embed_is_incremental(seeded, png):
     again = embed.run(params, paths)
     assert again["embedded"]["crawl_images"] == 5 and again["shards_skipped"] == 4
 
-    clip.run(params.model_copy(update={"seed": 7, "clip": params.clip.model_copy(update={"train_epochs": 1})}), paths)
+    clip_stage.run(
+        params.model_copy(update={"seed": 7, "clip": params.clip.model_copy(update={"train_epochs": 1})}), paths
+    )
     assert embed.run(params, paths)["shards_skipped"] == 0  # a new model re-embeds everything

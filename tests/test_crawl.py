@@ -15,12 +15,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from dextra.crawl import fetch, urls
 from dextra.crawl.status import CRAWL_STATUS_SCHEMA
+from dextra.crawl.urls import normalize_url, url_id
 from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.params import parse_params
 from dextra.pipeline.shards import IMAGE_SCHEMA, STATUS_SCHEMA, URL_SCHEMA, read_table, shard_files
-from tests.test_crawl_safety import REPO, Web, encoded, project, static, write_csv
+from dextra.pipeline.stages import fetch, urls
+from tests.helpers import REPO
+from tests.helpers.web import Web, encoded, project, static, write_csv
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -38,13 +40,13 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 def test_normalize_url_and_stable_url_id():
     assert (
-        urls.normalize_url("  HTTP://User@Example.COM:8080/Path/A.JPG?Q=1#F \n")
+        normalize_url("  HTTP://User@Example.COM:8080/Path/A.JPG?Q=1#F \n")
         == "http://User@example.com:8080/Path/A.JPG?Q=1#F"
     )
-    assert urls.normalize_url("file:///tmp/Some.PNG") == "file:///tmp/Some.PNG"
+    assert normalize_url("file:///tmp/Some.PNG") == "file:///tmp/Some.PNG"
     # url_id is part of the on-disk contract: it must never change between versions
-    assert urls.url_id("http://example.com/a.jpg") == hashlib.sha256(b"http://example.com/a.jpg").hexdigest()[:16]
-    assert urls.url_id(urls.normalize_url("HTTP://EXAMPLE.com/a.jpg ")) == urls.url_id("http://example.com/a.jpg")
+    assert url_id("http://example.com/a.jpg") == hashlib.sha256(b"http://example.com/a.jpg").hexdigest()[:16]
+    assert url_id(normalize_url("HTTP://EXAMPLE.com/a.jpg ")) == url_id("http://example.com/a.jpg")
 
 
 def test_urls_maps_columns_dedupes_and_drops_removed_sources(tmp_path):
@@ -70,7 +72,7 @@ def test_urls_maps_columns_dedupes_and_drops_removed_sources(tmp_path):
     a = read_table(paths.urls / "a.parquet", URL_SCHEMA).to_pylist()
     assert [r["url"] for r in a] == ["http://example.com/1.jpg", "http://example.com/2.jpg"]
     assert a[0] == {
-        "url_id": urls.url_id("http://example.com/1.jpg"),
+        "url_id": url_id("http://example.com/1.jpg"),
         "url": "http://example.com/1.jpg",
         "text": "one bird",
         "query": "bird",
@@ -260,7 +262,7 @@ def test_fetch_again_fetches_only_new_urls(crawled, web, capsys):
     assert sorted(new_shard["url"].to_pylist()) == [f"{web.base}/new1.jpg", f"{web.base}/new2.jpg"]
     status = read_table(paths.crawl_status, STATUS_SCHEMA)
     assert status.num_rows == 9 and len(set(status["url_id"].to_pylist())) == 9
-    assert not (paths.crawl / ".img2dataset").exists()
+    assert not (paths.crawl_work).exists()
 
 
 def test_fetch_refuses_other_image_settings_than_the_stored_images(crawled, web):
@@ -273,7 +275,10 @@ def test_fetch_refuses_other_image_settings_than_the_stored_images(crawled, web)
     web.hits.clear()
     with pytest.raises(
         ParamsError,
-        match=r"^fetch\.image_size: 48, but the images in .* were stored with 32; fetch\.encode_format: 'png', .*'jpg'; fetch\.encode_quality: 6, .* 95\. .*delete",
+        match=(
+            r"^fetch\.image_size: 48, but the images in .* were stored with 32; fetch\.encode_format: 'png', .*'jpg'; "
+            r"fetch\.encode_quality: 6, .* 95\. .*delete"
+        ),
     ):
         fetch.run(params, paths)
     assert _snapshot(paths.crawl) == before and not web.hits

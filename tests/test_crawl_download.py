@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from dextra.crawl import urls
 from dextra.crawl.download import download_file
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.shards import URL_SCHEMA, read_table
-from tests.test_crawl_safety import Web, flaky, project, send, static
+from dextra.pipeline.stages import urls
+from tests.helpers.web import Web, flaky, project, send, static
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 CHUNK = 1 << 16

@@ -19,10 +19,10 @@ import psutil
 import pytest
 from PIL import Image
 
-from dextra.crawl import fetch, urls
 from dextra.crawl.status import CRAWL_STATUS_SCHEMA
 from dextra.pipeline.shards import IMAGE_SCHEMA, URL_SCHEMA, read_table, shard_files
-from tests.test_crawl_safety import (
+from dextra.pipeline.stages import fetch, urls
+from tests.helpers.web import (
     Web,
     drip,
     encoded,

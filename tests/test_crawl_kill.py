@@ -16,10 +16,10 @@ import psutil
 import pytest
 from PIL import Image
 
-from dextra.crawl import urls
 from dextra.crawl.status import read_status
 from dextra.pipeline.shards import IMAGE_SCHEMA, URL_SCHEMA, read_table, shard_files
-from tests.test_crawl_safety import Web, encoded, loopback_only_env, project, static, write_csv
+from dextra.pipeline.stages import urls
+from tests.helpers.web import Web, encoded, loopback_only_env, project, static, write_csv
 
 N_IMAGES, N_MISSING, KILLS = 800, 40, 6
 
@@ -61,7 +61,7 @@ def _fetch(root: Path, env: dict) -> subprocess.Popen:
 
 
 def _journal(paths) -> list[Path]:
-    return list((paths.crawl / "journal").glob("*.parquet"))
+    return list((paths.crawl_journal).glob("*.parquet"))
 
 
 def _session(sid: int) -> list[psutil.Process]:
@@ -114,9 +114,9 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
             web.hits.clear()
             before, old_journal = len(read_status(paths)), set(_journal(paths))
             process = _fetch(paths.root, env)
-            if (
-                kills % 2
-            ):  # at any moment of start-up (lock, consolidation, imports, spawning workers), at the latest at its first commit
+            # at any moment of start-up (lock, consolidation, imports, spawning workers), at the latest at its first
+            # commit
+            if kills % 2:
                 deadline = time.monotonic() + rng.uniform(0.2, 8.0)
                 while time.monotonic() < deadline and process.poll() is None and not set(_journal(paths)) - old_journal:
                     time.sleep(0.05)
@@ -143,11 +143,12 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
         status, images = _outcome(paths)
         assert status == expected_status and images == expected_images
         print(
-            f"kill test: {kills} kills, {progressed} of them after commits; {len(kept_shards)} shards committed before a kill kept"
+            f"kill test: {kills} kills, {progressed} of them after commits; "
+            f"{len(kept_shards)} shards committed before a kill kept"
         )
         for name, data in kept_shards.items():  # shards committed before a kill are kept as they were
             assert (paths.crawl_shards / name).read_bytes() == data
-        assert not (paths.crawl / ".img2dataset").exists() and not (paths.crawl / "journal").exists()
+        assert not (paths.crawl_work).exists() and not (paths.crawl_journal).exists()
         deadline = time.monotonic() + 60  # workers still importing at the kill need that long to get to their watch
         while any(map(_session, killed)) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -9,10 +9,10 @@ import sys
 import pytest
 from PIL import Image
 
-from dextra.crawl import urls
 from dextra.crawl.status import read_status
 from dextra.pipeline.shards import IMAGE_SCHEMA, URL_SCHEMA, read_table, shard_files
-from tests.test_crawl_safety import Web, encoded, loopback_only_env, png_bomb, project, redirect, static, write_csv
+from dextra.pipeline.stages import urls
+from tests.helpers.web import Web, encoded, loopback_only_env, png_bomb, project, redirect, static, write_csv
 
 pytest.importorskip("pyspark")
 

@@ -1,17 +1,14 @@
 """Curate on hand-built embeddings and images, so every decision and extrapolation has a known answer."""
 
-import io
-
 import imagehash
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from dextra.filter import curate
 from dextra.filter.dedup import LeakBank, exact_duplicates, hamming, near_duplicates, phash, phashes
-from dextra.filter.detectors import ClassDetector, cluster_detector, seed_spread_threshold
+from dextra.filter.detectors import SeedClassifier, cluster_detector, seed_spread_threshold
 from dextra.filter.extrapolate import extrapolate
 from dextra.filter.index import build_index, describe, search
 from dextra.pipeline.errors import InputError
@@ -19,39 +16,10 @@ from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import (
     CURATED_SCHEMA,
     DECISION_SCHEMA,
-    STATUS_SCHEMA,
-    URL_SCHEMA,
     read_table,
-    sha256_hex,
-    write_embeddings,
-    write_table,
 )
-
-DIM = 16
-
-
-def unit(v):
-    v = np.asarray(v, np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def blocks(seed: int, size: int = 48) -> Image.Image:
-    """A random 6x6 colour-block picture: distinct pictures get distant pHashes."""
-    cells = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    return Image.fromarray(cells).resize((size, size), Image.Resampling.NEAREST)
-
-
-def encode(image: Image.Image, fmt: str = "PNG", quality: int = 90) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
-    return out.getvalue()
-
-
-def copy_of(image: Image.Image) -> Image.Image:
-    """Cropped, mirrored, colour-shifted, resized: the transformations a leak survives."""
-    w, h = image.size
-    shifted = np.clip(np.asarray(image.crop((3, 2, w - 4, h - 1)), np.int16) + [25, -20, 10], 0, 255).astype(np.uint8)
-    return ImageOps.mirror(Image.fromarray(shifted)).resize((70, 70), Image.Resampling.BICUBIC)
+from dextra.pipeline.stages import curate as curate_stage
+from tests.helpers.curate import DIM, EVERY_DETECTOR, blocks, build_fixture, copy_of, encode, unit
 
 
 def test_extrapolation_recovers_known_weights():
@@ -110,7 +78,7 @@ def test_class_detector_predicts_the_seed_class():
     rng = np.random.default_rng(3)
     centres = np.eye(3, DIM)
     seed = unit(centres[np.arange(60) % 3] + 0.1 * rng.normal(size=(60, DIM)))
-    detector = ClassDetector(seed, [str(i % 3) for i in range(60)], regularisation=10, random_state=0)
+    detector = SeedClassifier(seed, [str(i % 3) for i in range(60)], regularisation=10, random_state=0)
     predicted, confidence = detector.predict(unit(centres + 0.05 * rng.normal(size=(3, DIM))))
     assert predicted.tolist() == ["0", "1", "2"] and confidence.min() > 0.5
 
@@ -156,135 +124,21 @@ def test_duplicates_exact_and_near():
     neighbours = np.array([[2, 1], [0, 3], [0, 1], [1, 0]])
     similarities = np.full((4, 2), 0.95)  # CLIP calls every pair a candidate; pHash must tell copies apart
     asked = []
-    read = lambda rows: asked.append(list(rows)) or [images[r] for r in rows]
+
+    def read(rows):
+        asked.append(list(rows))
+        return [images[r] for r in rows]
+
     found = near_duplicates(list("abcd"), neighbours, similarities, 0.9, [phash(b) for b in images], read, 8)
     assert found == {"c": "a"} and asked == [[0, 1]]  # one read, of the earlier image of each candidate pair
     assert near_duplicates(list("abcd"), neighbours, similarities, 0.99, [phash(b) for b in images], read, 8) == {}
     assert hamming(np.frombuffer(phash(images[0]), np.uint8), np.frombuffer(phash(images[2]), np.uint8)) > 0
 
 
-# Curate params for build_fixture with both detectors on (the distance detector is off: the seed has classes).
-EVERY_DETECTOR = {
-    "k_neighbors": 3,
-    "seed_k": 3,
-    "clusters_per_query": 2,
-    "min_cluster_size": 3,
-    "cluster_percentile": 1,
-    "cluster_detector": True,
-    "class_detector": True,
-    "distance_detector": "auto",
-}
-
-
-def build_fixture(root):
-    """Three seed classes; crawled images near their class, of the wrong class, off-topic, copies and errors."""
-    paths = Paths(root)
-    rng = np.random.default_rng(0)
-    centres = unit(np.eye(3, DIM))
-    caption_features = unit(np.roll(np.eye(3, DIM), 8, axis=1))
-
-    def image_shard(path, ids, images, split, classes):
-        write_table(
-            pa.table(
-                {
-                    "id": ids,
-                    "image": images,
-                    "width": pa.array([48] * len(ids), pa.int32()),
-                    "height": pa.array([48] * len(ids), pa.int32()),
-                    "captions": [[f"caption of {i}"] for i in ids],
-                    "split": [split] * len(ids),
-                    "class": pa.array(classes, pa.string()),
-                    "source": ["test"] * len(ids),
-                    "url": pa.array([f"http://127.0.0.1/{i}" for i in ids], pa.string()),
-                    "sha256": [sha256_hex(b) for b in images],
-                    **({"url_id": ids, "query": [f"class {c}" for c in classes]} if split == "extra" else {}),
-                }
-            ),
-            path,
-        )
-
-    seed_ids = [f"s{i:02d}" for i in range(30)]
-    seed_images = [encode(blocks(100 + i)) for i in range(30)]
-    image_shard(paths.seed_split("train"), seed_ids, seed_images, "train", [str(i % 3) for i in range(30)])
-    write_embeddings(
-        paths.embedding_file("seed_images", "train"),
-        seed_ids,
-        unit(centres[np.arange(30) % 3] + 0.05 * rng.normal(size=(30, DIM))),
-    )
-    test_ids = [f"t{i}" for i in range(6)]
-    test_pictures = [blocks(200 + i) for i in range(6)]
-    image_shard(
-        paths.seed_split("test"), test_ids, [encode(p) for p in test_pictures], "test", [str(i % 3) for i in range(6)]
-    )
-    test_vectors = unit(centres[np.arange(6) % 3] + 0.05 * rng.normal(size=(6, DIM)))
-    write_embeddings(paths.embedding_file("seed_images", "test"), test_ids, test_vectors)
-    caption_ids = [i for i in seed_ids for _ in range(2)]
-    write_embeddings(
-        paths.embedding_file("seed_captions", "train"),
-        caption_ids,
-        unit(caption_features[np.repeat(np.arange(30) % 3, 2)] + 0.01 * rng.normal(size=(60, DIM))),
-        extra={"caption": pa.array([f"caption of {i}" for i in caption_ids])},
-    )
-
-    near0 = blocks(300)
-    crawled = {  # url_id -> (status, class of its query, vector, image)
-        "a_near0": ("ok", "0", centres[0], encode(near0)),
-        "b_near1": ("ok", "1", centres[1], encode(blocks(301))),
-        "c_wrong": ("ok", "2", centres[0], encode(blocks(302))),
-        "d_leak": ("ok", "2", test_vectors[2], encode(copy_of(test_pictures[2]), "JPEG", 70)),
-        "e_exact": ("ok", "0", centres[0], encode(near0)),
-        "f_near": ("ok", "0", centres[0], encode(near0.resize((40, 40)), "JPEG", 80)),
-        "g_err": ("error", "0", None, None),
-        "h_ref": ("refused", "0", None, None),
-        "i_optout": ("opt-out", "0", None, None),
-    }
-    # Off-topic: a whole cluster of query "class 1" far from every seed image.
-    for i in range(6):
-        crawled[f"x_off{i}"] = ("ok", "1", np.eye(DIM)[12] + 0.05 * rng.normal(size=DIM), encode(blocks(400 + i)))
-    ids = sorted(crawled)
-    write_table(
-        pa.table(
-            {
-                "url_id": ids,
-                "url": [f"http://127.0.0.1/{i}" for i in ids],
-                "text": ids,
-                "query": [f"class {crawled[i][1]}" for i in ids],
-                "class": [crawled[i][1] for i in ids],
-                "source": ["web"] * len(ids),
-            }
-        ),
-        paths.urls / "web.parquet",
-        URL_SCHEMA,
-    )
-    write_table(
-        pa.table(
-            {
-                "url_id": ids,
-                "status": [crawled[i][0] for i in ids],
-                "error": [None if crawled[i][0] == "ok" else f"{crawled[i][0]} because" for i in ids],
-                "shard": [None] * len(ids),
-            }
-        ),
-        paths.crawl_status,
-        STATUS_SCHEMA,
-    )
-    ok = [i for i in ids if crawled[i][0] == "ok"]
-    images = [crawled[i][3] for i in ok]
-    image_shard(paths.crawl_shards / "run0001-00000.parquet", ok, images, "extra", [crawled[i][1] for i in ok])
-    vectors = unit(np.stack([crawled[i][2] + 0.01 * rng.normal(size=DIM) for i in ok]))
-    write_embeddings(
-        paths.embedding_file("crawl_images", "run0001-00000"),
-        ok,
-        vectors,
-        extra={"phash": pa.array([phash(b) for b in images], pa.binary(8))},
-    )
-    return paths, caption_features
-
-
 def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params):
     paths, caption_features = build_fixture(tmp_path)
     params = make_params(curate=EVERY_DETECTOR)
-    summary = curate.run(params, paths)
+    summary = curate_stage.run(params, paths)
 
     decisions = {r["url_id"]: r for r in read_table(paths.decisions, DECISION_SCHEMA).to_pylist()}
     outcomes = {u: d["outcome"] for u, d in decisions.items()}
@@ -318,7 +172,7 @@ def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params):
 
 def test_detectors_can_be_switched_off(tmp_path, make_params):
     paths, _ = build_fixture(tmp_path)
-    curate.run(
+    curate_stage.run(
         make_params(
             curate={
                 "k_neighbors": 3,
@@ -336,7 +190,7 @@ def test_detectors_can_be_switched_off(tmp_path, make_params):
 
 def test_everything_dropped_leaves_empty_curated_shards(tmp_path, make_params):
     paths, _ = build_fixture(tmp_path)
-    summary = curate.run(
+    summary = curate_stage.run(
         make_params(
             curate={"seed_k": 3, "class_detector": True, "min_class_confidence": 1.0, "cluster_detector": False}
         ),
@@ -348,11 +202,11 @@ def test_everything_dropped_leaves_empty_curated_shards(tmp_path, make_params):
 
 def test_missing_inputs_name_the_file(tmp_path, make_params):
     with pytest.raises(InputError, match="status.parquet: not found"):
-        curate.run(make_params(), Paths(tmp_path))
+        curate_stage.run(make_params(), Paths(tmp_path))
     paths, _ = build_fixture(tmp_path)
     paths.embedding_file("crawl_images", "run0001-00000").unlink()
     with pytest.raises(InputError, match="no embedding for crawled image"):
-        curate.run(make_params(), paths)
+        curate_stage.run(make_params(), paths)
     assert not paths.decisions.exists()
 
 
@@ -362,10 +216,10 @@ def synthetic_core_inputs(n_crawl: int = 4000, n_seed: int = 400, dim: int = 64)
     rng = np.random.default_rng(5)
     centres = unit(rng.normal(size=(8, dim)))
     seed_classes = np.arange(n_seed) % 8
-    seed = curate.Seed(
-        ids=[f"s{i}" for i in range(n_seed)],
-        vectors=unit(centres[seed_classes] + 0.3 * rng.normal(size=(n_seed, dim))),
-        classes=[str(c) for c in seed_classes],
+    seed = curate.SeedSet(
+        train_ids=[f"s{i}" for i in range(n_seed)],
+        train_vectors=unit(centres[seed_classes] + 0.3 * rng.normal(size=(n_seed, dim))),
+        train_classes=[str(c) for c in seed_classes],
         caption_features=unit(rng.normal(size=(n_seed, dim))),
         first_captions=[f"class {c}" for c in seed_classes],
         test_ids=[f"t{i}" for i in range(40)],
@@ -410,7 +264,7 @@ def test_curate_is_identical_whatever_the_thread_count(make_params, exact_index_
         for threads in (1, 2):
             faiss.omp_set_num_threads(threads)
             torch.set_num_threads(threads)
-            runs.append(curate.curate_core(seed, crawl, cfg, 0, torch.device("cpu")))
+            runs.append(curate.curate(seed, crawl, cfg, 0, torch.device("cpu")))
     finally:
         faiss.omp_set_num_threads(faiss_threads)
         torch.set_num_threads(torch_threads)
@@ -442,8 +296,8 @@ def test_curate_does_not_depend_on_row_order(make_params):
         read_images=None,
         urls=[crawl.urls[r] for r in shuffled],
     )
-    one, extra_one, _ = curate.curate_core(seed, crawl, cfg, 0, torch.device("cpu"))
-    two, extra_two, _ = curate.curate_core(seed, moved, cfg, 0, torch.device("cpu"))
+    one, extra_one, _ = curate.curate(seed, crawl, cfg, 0, torch.device("cpu"))
+    two, extra_two, _ = curate.curate(seed, moved, cfg, 0, torch.device("cpu"))
     assert (one.outcome == "duplicate").sum() > 0 and len(set(one.cluster) - {None}) > 8
     for name in vars(one):
         np.testing.assert_array_equal(getattr(one, name)[shuffled], getattr(two, name), err_msg=name)

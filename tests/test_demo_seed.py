@@ -15,11 +15,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from dextra.pipeline import demo, seed
+from dextra.pipeline.demo import draw
+from dextra.pipeline.demo.web import KINDS
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import parse_params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import CURATED_SCHEMA, DECISION_SCHEMA, read_table, write_table
+from dextra.pipeline.stages import seed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,14 +88,14 @@ def test_captions_name_the_digit_and_colours_of_their_image(demo_run):
     table = read_table(paths.seed_split("train")).to_pandas()
     for row in table.to_dict("records"):
         assert 2 <= len(row["captions"]) <= 3
-        parsed = {demo.parse_caption(c) for c in row["captions"]}
+        parsed = {draw.parse_caption(c) for c in row["captions"]}
         assert len(parsed) == 1
         digit, fg = parsed.pop()
         assert digit == row["class"]
         pixels = np.asarray(Image.open(io.BytesIO(row["image"])), np.float32).reshape(-1, 3)
-        assert np.linalg.norm(pixels - demo.COLORS[fg], axis=1).min() < 20
-        bg = next(c for c in demo.COLORS if c != fg and c in row["captions"][0].split())
-        assert np.linalg.norm(pixels - demo.COLORS[bg], axis=1).min() < 20
+        assert np.linalg.norm(pixels - draw.COLORS[fg], axis=1).min() < 20
+        bg = next(c for c in draw.COLORS if c != fg and c in row["captions"][0].split())
+        assert np.linalg.norm(pixels - draw.COLORS[bg], axis=1).min() < 20
 
 
 def test_the_web_has_every_kind_and_its_truth_holds(demo_run):
@@ -106,7 +108,7 @@ def test_the_web_has_every_kind_and_its_truth_holds(demo_run):
     assert list(urls["class"]) == list(truth.query_digit)
     assert list(urls["query"]) == [f"digit {d}" for d in truth.query_digit]
     counts = truth.kind.value_counts().to_dict()
-    assert counts == summary["web_kinds"] and set(counts) == set(demo.KINDS) and len(truth) == 120
+    assert counts == summary["web_kinds"] and set(counts) == set(KINDS) and len(truth) == 120
     test_ids = set(read_table(paths.seed_split("test")).to_pandas().id)
     test_class = read_table(paths.seed_split("test")).to_pandas().set_index("id")["class"]
     by_url = truth.set_index("url")
@@ -118,7 +120,7 @@ def test_the_web_has_every_kind_and_its_truth_holds(demo_run):
             continue
         data = path.read_bytes()
         if row.kind == "corrupt":
-            with pytest.raises(Exception):
+            with pytest.raises(OSError):
                 Image.open(io.BytesIO(data)).load()
             continue
         image = Image.open(io.BytesIO(data))

@@ -14,14 +14,13 @@ import scipy.io
 import yaml
 from PIL import Image
 
-from dextra.pipeline import seed
 from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.importers.safe_pickle import read_string_list
 from dextra.pipeline.manifest import load_manifest
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import file_sha256, read_table
-
-from .conftest import REPO
+from dextra.pipeline.stages import seed
+from tests.helpers import REPO
 
 CUB_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
 CUB_TRAIN = [
@@ -217,7 +216,8 @@ OXFORD_LABELS = [77, 77, 1, 1, 102, 102]
 
 
 def make_oxford(root: Path) -> Path:
-    """Oxford-102: jpg/, imagelabels.mat, setid.mat (saved by scipy as MATLAB 5 files, like the release) and text_c10/."""
+    """Oxford-102: jpg/, imagelabels.mat, setid.mat (saved by scipy as MATLAB 5 files, like the release) and
+    text_c10/."""
     for number, label in enumerate(OXFORD_LABELS, 1):
         name = f"image_{number:05d}"
         mode = "L" if number == 4 else "RGB"  # the release has a few greyscale images

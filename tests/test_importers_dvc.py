@@ -14,8 +14,8 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from .conftest import REPO
-from .test_pipeline_dvc import dvc, stages_run
+from tests.helpers import REPO
+from tests.helpers.dvc import dvc, stages_run
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220)}
 SHAPES = {"red": "circle", "green": "square", "blue": "triangle"}

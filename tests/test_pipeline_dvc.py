@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from dextra.pipeline.paths import Paths
-
-from .conftest import REPO
-from .test_report import check_in_browser, have_browser
+from tests.helpers import REPO
+from tests.helpers.browser import check_in_browser, have_browser
+from tests.helpers.dvc import dvc, stages_run
 
 SMALL = {
     "demo": {"n_seed": 120, "n_web": 200},
@@ -25,16 +25,6 @@ SMALL = {
     "finetune": {"steps": 10, "warmup_steps": 2},
     "evaluate": {"num_samples": 16, "sampling_steps": 3, "batch_size": 16},
 }
-
-
-def dvc(root, *args):
-    result = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def stages_run(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
 @pytest.mark.slow

@@ -4,130 +4,44 @@ Resuming after SIGKILL under DVC and the 2-process run are in test_train_scale.p
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-import yaml
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
 from PIL import Image
 
-from dextra.filter import clip as clip_stage
+from dextra.filter.clip import load_clip
 from dextra.pipeline.errors import InputError, ParamsError
-from dextra.pipeline.params import parse_params
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import IMAGE_SCHEMA, read_embeddings, sha256_hex, write_embeddings, write_table
-from dextra.train import baseline, checkpoint, evaluate, finetune, pretrain
+from dextra.pipeline.shards import read_embeddings
+from dextra.pipeline.stages import baseline, evaluate, finetune, pretrain
+from dextra.pipeline.stages import clip as clip_stage
+from dextra.train import checkpoint
 from dextra.train import data as data_module
-from dextra.train.data import DataStream, Encoding, cache_dir, load_extra, load_seed
+from dextra.train.data import DataStream, Encoding, load_extra, load_seed
 from dextra.train.metrics import ClipFeatures, clip_fd, clip_frechet, clip_score, inception_fid
 from dextra.train.model import ConditionProjector, Denoiser, TokenConditioner, build_denoiser, load_vae
 from dextra.train.sampling import null_guidance, sample
 from dextra.train.trainer import make_accelerator
-
-REPO = Path(__file__).resolve().parents[1]
-DIM = 16  # condition (caption embedding) dimension of the fixtures
-COLOURS = np.array([[230, 40, 40], [40, 40, 230]], np.uint8)
-NAMES = ["red", "blue"]
-
-
-def make_params(**sections):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["clip"].update(train_epochs=0)
-    raw["train"].update(
-        resolution=16,
-        batch_size=8,
-        unet=dict(block_out_channels=[32, 32], layers_per_block=1, attention_head_dim=8),
-        dit=dict(patch_size=2, num_layers=2, num_attention_heads=2, attention_head_dim=16),
-        cross_attention_dim=32,
-        condition_tokens=2,
-        log_every=5,
-        grid_samples=4,
-        monitor_samples=0,  # most fixtures have no seed test split or CLIP model; `chain` switches it on
-    )
-    raw["pretrain"] = dict(steps=10, lr=2e-3, warmup_steps=2)
-    raw["finetune"] = dict(steps=10, lr=1e-3, warmup_steps=0)
-    raw["evaluate"] = dict(num_samples=12, guidance_scale=2.0, sampling_steps=3, batch_size=8)
-    for name, values in sections.items():
-        if isinstance(values, dict):
-            raw[name].update(values)
-        else:
-            raw[name] = values
-    return parse_params(raw)
-
-
-def png(colour, size: int, rng) -> bytes:
-    """A flat colour square with a little noise, at a size other than the training resolution."""
-    array = np.clip(colour + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def unit(rng, n: int) -> np.ndarray:
-    v = rng.normal(size=(n, DIM))
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
-
-
-def image_table(ids, blobs, captions, split) -> pa.Table:
-    return pa.table(
-        {
-            "id": ids,
-            "image": blobs,
-            "width": [24] * len(ids),
-            "height": [24] * len(ids),
-            "captions": captions,
-            "split": [split] * len(ids),
-            "class": [None] * len(ids),
-            "source": ["test"] * len(ids),
-            "url": [None] * len(ids),
-            "sha256": [sha256_hex(b) for b in blobs],
-        },
-        schema=IMAGE_SCHEMA,
-    )
-
-
-def write_curated(paths: Paths, n: int = 32, shard: str = "part-0", seed: int = 1) -> np.ndarray:
-    """Red or blue squares; the condition says which (one fixed vector per colour, returned): trivially learnable.
-    Each row also has neighbour captions (the best-weighted names its colour) and a CLIP image embedding."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, n)
-    directions = unit(np.random.default_rng(1), 2)
-    ids = [f"{shard}-web{i}" for i in range(n)]
-    table = image_table(ids, [png(COLOURS[k], 24, rng) for k in labels], [["x"]] * n, "extra")
-    table = table.append_column(
-        "text_embedding", pa.array([directions[k].astype(np.float16) for k in labels], pa.list_(pa.float16()))
-    )
-    table = table.append_column(
-        "neighbor_captions", pa.array([[f"a {NAMES[1 - k]} square", f"a {NAMES[k]} square"] for k in labels])
-    )
-    table = table.append_column("neighbor_weights", pa.array([[0.2, 0.8]] * n, pa.list_(pa.float32())))
-    write_table(table, paths.curated_shards / f"{shard}.parquet")
-    write_embeddings(paths.embedding_file("crawl_images", shard), ids, directions[labels])
-    return directions.astype(np.float16).astype(np.float32)
-
-
-def write_seed(paths: Paths, split: str, n: int, captions_per_image: int = 2) -> None:
-    rng = np.random.default_rng({"train": 2, "test": 3}[split])
-    ids = [f"{split}{i}" for i in range(n)]
-    labels = rng.integers(0, 2, n)
-    captions = [[f"a {NAMES[k]} square number {j}" for j in range(captions_per_image)] for k in labels]
-    write_table(image_table(ids, [png(COLOURS[k], 20, rng) for k in labels], captions, split), paths.seed_split(split))
-    rows = [(image_id, c) for image_id, cs in zip(ids, captions) for c in cs]
-    write_embeddings(
-        paths.embedding_file("seed_captions", split),
-        [r[0] for r in rows],
-        unit(rng, len(rows)),
-        extra={"caption": pa.array([r[1] for r in rows], pa.string())},
-    )
-    write_embeddings(paths.embedding_file("seed_images", split), ids, unit(rng, n))
+from tests.helpers.train import (
+    DIM,
+    NAMES,
+    losses,
+    read_tsv,
+    state,
+    unit,
+    write_curated,
+    write_seed,
+)
+from tests.helpers.train import (
+    small_training_params as make_params,
+)
 
 
 def write_all(paths: Paths, params=None) -> None:
@@ -135,20 +49,6 @@ def write_all(paths: Paths, params=None) -> None:
     write_seed(paths, "train", 12)
     write_seed(paths, "test", 6)
     clip_stage.run(params or make_params(), paths)
-
-
-def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def read_tsv(path: Path, column: str) -> list[float]:
-    lines = path.read_text().splitlines()
-    index = lines[0].split("\t").index(column)
-    return [float(line.split("\t")[index]) for line in lines[1:]]
-
-
-def losses(paths: Paths, stage: str = "pretrain") -> list[float]:
-    return read_tsv(paths.live(stage) / "plots" / "metrics" / "loss.tsv", "loss")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -296,7 +196,7 @@ def test_clip_fd_of_each_checkpoint_is_logged(chain):
         fd_file = paths.live(stage) / "plots" / "metrics" / "clip_fd.tsv"
         assert read_tsv(fd_file, "step") == steps, stage
         assert all(math.isfinite(v) and v >= 0 for v in read_tsv(fd_file, "clip_fd"))
-        newest = checkpoint.saved(checkpoint.checkpoint_dir(paths, stage))[-1]
+        newest = checkpoint.saved(paths.checkpoints(stage))[-1]
         assert [row[0] for row in checkpoint.read_progress(newest).clip_fd] == steps
 
 
@@ -311,7 +211,7 @@ def test_evaluate_with_dpm_solver(chain, tmp_path):
 
 def test_clip_fd_is_zero_for_same_set_and_grows_with_shift(chain):
     paths, _, _ = chain
-    bundle = clip_stage.load_clip(paths.clip)
+    bundle = load_clip(paths.clip)
     images = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     same = clip_fd(bundle, images, images, batch_size=16)
     shifted = clip_fd(bundle, images, (images * 0.5 + 0.5), batch_size=16)
@@ -325,7 +225,7 @@ def test_clip_fd_is_zero_for_same_set_and_grows_with_shift(chain):
 
 def test_clip_score_is_the_mean_clipped_cosine_of_each_pair(chain):
     paths, _, _ = chain
-    bundle = clip_stage.load_clip(paths.clip)
+    bundle = load_clip(paths.clip)
     images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     captions = [f"a {NAMES[i % 2]} square number {i}" for i in range(6)]
     cosines = (bundle.encode_pixels(images).float() * torch.from_numpy(bundle.encode_texts(captions))).sum(-1)
@@ -400,7 +300,7 @@ def test_tokens_conditioning_runs_clip_text_transformer(tmp_path, trainable):
         train=dict(conditioning="tokens", train_text_encoder=trainable), pretrain=dict(steps=3, lr=1e-2, warmup_steps=0)
     )
     write_all(paths, params)
-    bundle = clip_stage.load_clip(paths.clip)
+    bundle = load_clip(paths.clip)
     extra = load_extra(paths, Encoding.create(paths, 16, "tokens"))
     # Extra images are conditioned on their best-weighted neighbour caption, tokenized once into the cache.
     expected = bundle.tokenizer([f"a {NAMES[0]} square"]).numpy()[0]
@@ -494,9 +394,9 @@ def test_images_are_decoded_once_into_a_memory_mapped_cache(tmp_path, monkeypatc
     write_curated(paths, n=5, shard="part-1", seed=7)
     grown = load_extra(paths, Encoding.create(paths, 16, "pooled"))
     assert decoded == [5] and len(grown) == 37 and grown.key != first.key
-    entries = sorted(p.name for p in cache_dir(paths).iterdir())
+    entries = sorted(p.name for p in paths.train_cache.iterdir())
     assert len(load_extra(paths, Encoding.create(paths, 8, "pooled")).images) == 2
-    assert len(list(cache_dir(paths).iterdir())) == len(entries) + 2  # another resolution: new image entries only
+    assert len(list(paths.train_cache.iterdir())) == len(entries) + 2  # another resolution: new image entries only
 
 
 def test_seed_batches_pick_a_caption_of_the_drawn_image(tmp_path):
@@ -533,7 +433,8 @@ def test_data_stream_is_a_function_of_the_position():
     stream = DataStream(10, seed=0, name="pretrain")
     epoch0 = stream.indices(0, 10)
     assert sorted(epoch0) == list(range(10))  # an epoch is a permutation
-    # Two processes with batch 2: process r reads positions step*4 + r*2 ...; within an epoch nobody sees an image twice.
+    # Two processes with batch 2: process r reads positions step*4 + r*2 ...; within an epoch nobody sees an image
+    # twice.
     seen = [stream.indices(step * 4 + rank * 2, 2) for step in range(2) for rank in range(2)]
     assert len(set(np.concatenate(seen))) == 8
     # Across the epoch boundary, and from a fresh stream (a resumed run), the same positions give the same images.
@@ -563,14 +464,14 @@ def test_resumed_run_continues_exactly(tmp_path):
     assert losses(parts) == losses(whole) and len(losses(whole)) == 6  # history replayed into dvclive, then continued
     a, b = state(Denoiser.load(whole.model("pretrain"))), state(Denoiser.load(parts.model("pretrain")))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    progress = checkpoint.read_progress(checkpoint.saved(checkpoint.checkpoint_dir(parts, "pretrain"))[-1])
+    progress = checkpoint.read_progress(checkpoint.saved(parts.checkpoints("pretrain"))[-1])
     assert progress.step == 6 and progress.position == 6 * 8
 
 
 def test_checkpoint_layout_and_pruning(tmp_path):
     paths = Paths(tmp_path)
     write_curated(paths)
-    folder = checkpoint.checkpoint_dir(paths, "pretrain")
+    folder = paths.checkpoints("pretrain")
     (folder / ".step-00000001.tmp").mkdir(parents=True)  # what a save killed halfway leaves
     every_2 = dict(checkpoint_every=2, checkpoints_kept=2)
     pretrain.run(make_params(train=every_2, pretrain=dict(steps=7)), paths)
@@ -607,7 +508,7 @@ def test_corrupt_checkpoint_names_the_folder(tmp_path):
     write_curated(paths)
     params = make_params(train=dict(checkpoint_every=2), pretrain=dict(steps=4))
     pretrain.run(params, paths)
-    newest = checkpoint.saved(checkpoint.checkpoint_dir(paths, "pretrain"))[-1]
+    newest = checkpoint.saved(paths.checkpoints("pretrain"))[-1]
     (newest / "model.safetensors").write_bytes(b"not a tensor file")
     longer = make_params(train=dict(checkpoint_every=2), pretrain=dict(steps=6))
     with pytest.raises(InputError, match=f"{newest}: cannot be loaded"):
@@ -643,7 +544,7 @@ def test_gradient_accumulation_draws_every_micro_batch(tmp_path):
     summary = pretrain.run(
         make_params(train=dict(gradient_accumulation_steps=3, batch_size=4), pretrain=dict(steps=2)), paths
     )
-    progress = checkpoint.read_progress(checkpoint.saved(checkpoint.checkpoint_dir(paths, "pretrain"))[-1])
+    progress = checkpoint.read_progress(checkpoint.saved(paths.checkpoints("pretrain"))[-1])
     assert summary["steps"] == 2 and progress.position == 2 * 3 * 4
 
 

@@ -16,11 +16,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dextra.filter import clip as clip_stage
 from dextra.pipeline.paths import Paths
+from dextra.pipeline.stages import clip as clip_stage
 from dextra.train import checkpoint
-
-from .test_train import REPO, losses, make_params, write_curated, write_seed
+from tests.helpers import REPO
+from tests.helpers.train import losses, write_curated, write_seed
+from tests.helpers.train import small_training_params as make_params
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}  # same threads everywhere: same floats
 
@@ -74,7 +75,7 @@ def test_killed_dvc_repro_resumes_with_the_same_losses(tmp_path):
     )
 
     root = project(tmp_path / "project", params)
-    folder = checkpoint.checkpoint_dir(Paths(root), "pretrain")
+    folder = Paths(root).checkpoints("pretrain")
     running = subprocess.Popen(
         ["dvc", "repro"],
         cwd=root,
@@ -173,7 +174,7 @@ def test_two_processes_split_every_batch_and_write_one_checkpoint(tmp_path):
     assert sorted(epoch) == list(range(images))  # the first epoch: each image once, over both processes
     assert all(not set(a) & set(b) for a, b in zip(*seen))
 
-    folder = checkpoint.checkpoint_dir(paths, "pretrain")
+    folder = paths.checkpoints("pretrain")
     assert [p.name for p in checkpoint.saved(folder)] == ["step-00000003", "step-00000006"]
     files = {p.name for p in (folder / "step-00000006").iterdir()}
     assert {

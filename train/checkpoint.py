@@ -22,15 +22,10 @@ import torch
 from accelerate import Accelerator
 
 from dextra.pipeline.errors import InputError
-from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import file_sha256
 
 STATE = "trainer.json"
 EMA_FILE = "custom_checkpoint_0.pkl"  # accelerate's file for the first object registered for checkpointing: the EMA
-
-
-def checkpoint_dir(paths: Paths, phase: str) -> Path:
-    return paths.root / "checkpoints" / phase
 
 
 def fingerprint(**parts: object) -> str:
@@ -84,7 +79,8 @@ def load(accelerator: Accelerator, checkpoint: Path) -> None:
         accelerator.load_state(str(checkpoint))
     except Exception as exc:  # a truncated tensor file, a bad pickle, a missing part: all mean the same to the user
         raise InputError(
-            f"{checkpoint}: cannot be loaded ({type(exc).__name__}: {exc}); delete it to resume from the checkpoint before it"
+            f"{checkpoint}: cannot be loaded ({type(exc).__name__}: {exc}); "
+            "delete it to resume from the checkpoint before it"
         ) from None
 
 

@@ -50,11 +50,7 @@ from dextra.train.model import vae_downscale
 
 CACHE_FORMAT = 1  # bump when what an entry holds changes
 CHUNK = 256  # images decoded (and VAE-encoded) at a time while an entry is built
-
-
-def cache_dir(paths: Paths) -> Path:
-    """checkpoints/cache/: derived arrays keyed by content; safe to delete, and no DVC out."""
-    return paths.root / "checkpoints" / "cache"
+CPU = torch.device("cpu")
 
 
 @dataclass(eq=False)
@@ -78,7 +74,7 @@ class Encoding:
         mode: str,
         vae: AutoencoderKL | None = None,
         flip: bool = False,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device = CPU,
     ) -> Encoding:
         if mode != "tokens":
             return cls(resolution, mode, vae, flip, device=device)
@@ -137,7 +133,8 @@ class TrainingSet:
     def batch(
         self, index: np.ndarray, generator: torch.Generator, random_flip: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images `index` in [-1, 1] (or their latents), each with one of its conditions, half of them mirrored when `random_flip`."""
+        """Images `index` in [-1, 1] (or their latents), each with one of its conditions, half of them mirrored when
+        `random_flip`."""
         size = len(index)
         rows = self.first[index] + (torch.rand(size, generator=generator).numpy() * self.count[index]).astype(np.int64)
         flip = (torch.rand(size, generator=generator) < 0.5) & random_flip
@@ -208,7 +205,7 @@ def encode_latents(vae: AutoencoderKL, pixels: np.ndarray, flip: bool, device: t
 
 def _entry(paths: Paths, key: dict, build: Callable[[Path], None]) -> Path:
     """The cache folder for `key`, built atomically by `build(folder)` the first time."""
-    folder = cache_dir(paths) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    folder = paths.train_cache / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     if not (folder / "key.json").exists():
         with atomic_path(folder) as tmp:
             tmp.mkdir()
@@ -277,7 +274,8 @@ def _vectors_by_id(files: list[Path], ids: list[str], where: Path) -> np.ndarray
     missing = [image_id for image_id in ids if image_id not in row]
     if missing:
         raise InputError(
-            f"{where}: no image embedding for {len(missing)} image(s), e.g. {', '.join(missing[:3])} (run `dextra embed`)"
+            f"{where}: no image embedding for {len(missing)} image(s), e.g. {', '.join(missing[:3])} "
+            "(run `dextra embed`)"
         )
     return vectors[[row[i] for i in ids]].astype(np.float16)
 
@@ -312,7 +310,8 @@ def load_extra(paths: Paths, enc: Encoding) -> TrainingSet:
             lengths = pc.list_value_length(column).to_numpy()
             if lengths.min() == 0 or lengths.min() != lengths.max():
                 raise InputError(
-                    f"{folder}: column 'text_embedding' must have one length in every row (got {lengths.min()}..{lengths.max()})"
+                    f"{folder}: column 'text_embedding' must have one length in every row "
+                    f"(got {lengths.min()}..{lengths.max()})"
                 )
             conditions = column.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(len(lengths), -1)
         elif enc.mode == "image":

@@ -132,3 +132,13 @@ class CheckpointMonitor:
 
     def clip_fd(self, generate: Callable[[torch.Tensor], torch.Tensor]) -> float:
         return self.distance(generate(self.prompts.conditions))
+
+
+def score(
+    distances: dict[str, Frechet], bundle: ClipBundle, prompts: TestPrompts, generated: torch.Tensor, batch_size: int
+) -> dict[str, float]:
+    """Every distance to the real test images, and the CLIP score of `generated` against the prompts' captions."""
+    return {
+        **{name: distance(generated) for name, distance in distances.items()},
+        "clip_score": clip_score(bundle, generated, prompts.captions, batch_size),
+    }

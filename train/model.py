@@ -34,7 +34,8 @@ BACKBONES = {"unet": UNet2DConditionModel, "transformer": PixArtTransformer2DMod
 
 
 class ConditionProjector(ModelMixin, ConfigMixin):
-    """`pooled` / `image`: an embedding (B, d) -> (B, tokens, cross_attention_dim), or the NULL tokens where `null` is set.
+    """`pooled` / `image`: an embedding (B, d) -> (B, tokens, cross_attention_dim), or the NULL tokens where `null`
+    is set.
 
     NULL is learned directly as tokens, so "no caption" never has to be expressed as some embedding vector."""
 
@@ -84,7 +85,8 @@ class TokenConditioner(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_clip(cls, folder: Path, cross_attention_dim: int) -> TokenConditioner:
-        """A conditioner whose text transformer holds the weights of the CLIP model the `clip` stage saved in `folder`."""
+        """A conditioner whose text transformer holds the weights of the CLIP model the `clip` stage saved in
+        `folder`."""
         info = json.loads((folder / MODEL_INFO).read_text()) if (folder / MODEL_INFO).exists() else None
         if info is None or not (folder / f"{info['model']}.json").exists():
             raise InputError(f"{folder}: no saved CLIP model and config (run `dextra clip` first)")
@@ -107,7 +109,8 @@ CONDITIONERS = {cls.__name__: cls for cls in (ConditionProjector, TokenCondition
 
 
 class Denoiser(nn.Module):
-    """The backbone's prediction (ε or v, per train.prediction_type) given a condition; one module so DDP and EMA see all weights."""
+    """The backbone's prediction (ε or v, per train.prediction_type) given a condition; one module so DDP and EMA see
+    all weights."""
 
     def __init__(
         self,
@@ -160,7 +163,8 @@ class Denoiser(nn.Module):
         config = folder / "condition" / "config.json"
         if not saved or not config.exists():
             raise InputError(
-                f"{folder}: no saved model (unet/ or transformer/, and condition/config.json); run `dextra {folder.name}` first"
+                f"{folder}: no saved model (unet/ or transformer/, and condition/config.json); "
+                f"run `dextra {folder.name}` first"
             )
         conditioner = CONDITIONERS[json.loads(config.read_text())["_class_name"]]
         return cls(
@@ -213,7 +217,8 @@ def build_denoiser(
         blocks = list(cfg.unet.block_out_channels)
         if size % 2 ** (len(blocks) - 1):
             raise ParamsError(
-                f"train.resolution: {size} (after the VAE, if any) must be divisible by 2^{len(blocks) - 1} for {len(blocks)} train.unet.block_out_channels"
+                f"train.resolution: {size} (after the VAE, if any) must be divisible by 2^{len(blocks) - 1} "
+                f"for {len(blocks)} train.unet.block_out_channels"
             )
         # Attention only below full resolution, where it is cheap.
         cross = len(blocks) - 1 if len(blocks) > 1 else 1
@@ -235,7 +240,8 @@ def build_denoiser(
         dit = cfg.dit
         if size % dit.patch_size:
             raise ParamsError(
-                f"train.dit.patch_size: {dit.patch_size} does not divide the {size}-wide input (train.resolution, after the VAE if any)"
+                f"train.dit.patch_size: {dit.patch_size} does not divide the {size}-wide input "
+                "(train.resolution, after the VAE if any)"
             )
         width = dit.num_attention_heads * dit.attention_head_dim
         backbone = PixArtTransformer2DModel(

@@ -1,16 +1,21 @@
-"""Sampling with the paper's NULL guidance (DESIGN.md "The method" 5): DDIM or DPM-Solver, in pixel or latent space."""
+"""Sampling with the paper's NULL guidance (docs/architecture.md, "The method"): DDIM or DPM-Solver, in pixel or
+latent space."""
 
 from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.configuration_utils import FrozenDict
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
-from dextra.train.model import Denoiser
+from dextra.pipeline.errors import InputError
+from dextra.pipeline.params import EvaluateParams
+from dextra.train.model import Denoiser, image_resolution, saved_vae
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
 GRID_COLUMNS = 8
@@ -59,6 +64,36 @@ def sample(
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
     return ((x + 1) / 2).clamp(0, 1)
+
+
+def load_model(folder: Path, device: torch.device) -> tuple[Denoiser, object, int]:
+    """A saved EMA model with its VAE (or None) and the resolution of the images it generates."""
+    model = Denoiser.load(folder).to(device).eval()
+    vae = saved_vae(folder)
+    if vae is not None:
+        vae.to(device)
+    return model, vae, image_resolution(model, vae)
+
+
+def generate(
+    model: Denoiser, vae, folder: Path, conditions: torch.Tensor, cfg: EvaluateParams, seed: int, label: str
+) -> torch.Tensor:
+    """Samples for each condition row, `cfg.batch_size` at a time with the sampler the params name, from a noise
+    seeded by `seed`: every model compared gets the same noise."""
+    if conditions.shape[1] != model.condition_size:
+        raise InputError(
+            f"{folder}: the model was conditioned on {model.condition_size} values, "
+            f"the prompts have {conditions.shape[1]}"
+        )
+    scheduler = sampler(cfg.sampler, DDPMScheduler.from_pretrained(folder / "scheduler").config)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    return torch.cat(
+        [
+            sample(model, scheduler, chunk.to(device), cfg.sampling_steps, cfg.guidance_scale, generator, vae).cpu()
+            for chunk in tqdm(conditions.split(cfg.batch_size), desc=f"evaluate {label}", unit="batch")
+        ]
+    )
 
 
 def image_grid(images: torch.Tensor, captions: Sequence[str] | None = None, cell: int = 128) -> Image.Image:

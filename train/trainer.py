@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,9 @@ from dextra.pipeline.errors import ParamsError
 from dextra.pipeline.params import Params, PhaseParams
 from dextra.pipeline.paths import Paths
 from dextra.train import checkpoint
-from dextra.train.data import DataStream, TrainingSet
+from dextra.train.data import DataStream, Encoding, TrainingSet
 from dextra.train.metrics import CheckpointMonitor
-from dextra.train.model import Denoiser, image_resolution
+from dextra.train.model import Denoiser, build_condition, build_denoiser, image_resolution, load_vae, vae_downscale
 from dextra.train.sampling import image_grid, sample, sampler
 from dvclive import Live
 
@@ -62,6 +63,31 @@ def make_accelerator(params: Params) -> Accelerator:
     )
 
 
+def fresh_model(
+    params: Params, paths: Paths, accelerator: Accelerator, load: Callable[[Encoding], TrainingSet]
+) -> tuple[Denoiser, TrainingSet, AutoencoderKL | None]:
+    """A new model as params.train describes it, with the data `load` reads in that model's encoding (also the
+    seed-only baseline's start)."""
+    cfg = params.train
+    vae = load_vae(cfg.vae) if cfg.vae else None
+    downscale = vae_downscale(vae) if vae else 1
+    if cfg.resolution % downscale:
+        raise ParamsError(
+            f"train.resolution: {cfg.resolution} is not a multiple of the VAE's downscale factor {downscale} "
+            "(train.vae)"
+        )
+    encoding = Encoding.create(paths, cfg.resolution, cfg.conditioning, vae, cfg.random_flip, accelerator.device)
+    with accelerator.local_main_process_first():  # one process per machine decodes; the others read its cache
+        data = load(encoding)
+    set_seed(params.seed)
+    condition = build_condition(cfg, data.condition_size, paths.clip)
+    return (
+        build_denoiser(cfg, condition, vae.config.latent_channels if vae else 3, cfg.resolution // downscale),
+        data,
+        vae,
+    )
+
+
 def train(
     accelerator: Accelerator,
     model: Denoiser,
@@ -79,7 +105,7 @@ def train(
     `init` names what the weights start from, for the run's fingerprint."""
     cfg = params.train
     device, main = accelerator.device, accelerator.is_main_process
-    folder = checkpoint.checkpoint_dir(paths, name)
+    folder = paths.checkpoints(name)
     run = checkpoint.fingerprint(
         phase_name=name,
         seed=params.seed,
@@ -236,7 +262,8 @@ def _warm_start(model: Denoiser, folder) -> None:
     parameters = list(model.parameters())
     if [tuple(w.shape) for w in weights] != [tuple(p.shape) for p in parameters]:
         raise ParamsError(
-            f"pretrain.warm_start: {source} holds a different model than params.train builds; set warm_start: false or restore the old train params"
+            f"pretrain.warm_start: {source} holds a different model than params.train builds; "
+            "set warm_start: false or restore the old train params"
         )
     with torch.no_grad():
         for parameter, weight in zip(parameters, weights):

@@ -14,8 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm import tqdm
 
-from dextra.pipeline import demo
 from dextra.pipeline.atomic import atomic_path
+from dextra.pipeline.demo.seed import seed_images
+from dextra.pipeline.demo.web import write_web
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.importers import coco, cub, folder, oxford
 from dextra.pipeline.importers.records import Record, load_row, shard_row
@@ -43,12 +44,12 @@ def _table(rows: list[dict]) -> pa.Table:
 
 
 def _import_demo(params: Params, paths: Paths, out: Path) -> tuple[list[dict], dict]:
-    images = demo.seed_images(params)
+    images = seed_images(params)
     split = stratified_split([s.id for s in images], [s.digit for s in images], params.demo.test_fraction, params.seed)
     rows = [shard_row(s.id, s.png, s.pixels.shape[1::-1], s.captions, split[s.id], s.digit, "demo") for s in images]
     test_ids = {key for key, value in split.items() if value == "test"}
     web = out / paths.demo_web.relative_to(paths.seed)
-    kinds = demo.write_web(params, images, test_ids, web, paths.demo_web.resolve())
+    kinds = write_web(params, images, test_ids, web, paths.demo_web.resolve())
     return rows, {"web_urls": sum(kinds.values()), "web_kinds": kinds}
 
 

@@ -1,6 +1,6 @@
 """`dextra finetune`: continue from pretrain's EMA weights on the seed train set, conditioned on a random one of
-each image's caption embeddings (DESIGN.md "The method" 4). Backbone, conditioning, resolution and VAE come from
-the pretrained model, not from params."""
+each image's caption embeddings (docs/architecture.md, "The method"). Backbone, conditioning, resolution and VAE come
+from the pretrained model, not from params."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def run(params: Params, paths: Paths) -> dict:
         data, _ = load_seed(paths, "train", encoding)
     if data.condition_size != model.condition_size:
         raise InputError(
-            f"{paths.embedding_file('seed_images' if model.mode == 'image' else 'seed_captions', 'train')}: conditions have "
+            f"{paths.embedding_file('seed_images' if model.mode == 'image' else 'seed_captions', 'train')}: "
+            "conditions have "
             f"{data.condition_size} values, the pretrained model in {source} was conditioned on {model.condition_size}"
         )
     return train(

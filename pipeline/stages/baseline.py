@@ -8,10 +8,8 @@ from __future__ import annotations
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.params import Params, PhaseParams
 from dextra.pipeline.paths import Paths
-from dextra.train.checkpoint import checkpoint_dir
 from dextra.train.data import load_seed
-from dextra.train.pretrain import fresh_model
-from dextra.train.trainer import make_accelerator, train
+from dextra.train.trainer import fresh_model, make_accelerator, train
 
 NAME = "baseline"
 SKIPPED = "skipped.json"
@@ -19,10 +17,10 @@ SKIPPED = "skipped.json"
 
 def run(params: Params, paths: Paths) -> dict:
     if not params.evaluate.baseline:
-        for folder in (paths.model(NAME), paths.live(NAME), checkpoint_dir(paths, NAME)):
+        for folder in (paths.model(NAME), paths.live(NAME), paths.checkpoints(NAME)):
             write_json(folder / SKIPPED, {"skipped": "evaluate.baseline is false"})
         return {"skipped": "evaluate.baseline is false"}
-    (checkpoint_dir(paths, NAME) / SKIPPED).unlink(missing_ok=True)
+    (paths.checkpoints(NAME) / SKIPPED).unlink(missing_ok=True)
     phase = PhaseParams(
         steps=params.pretrain.steps + params.finetune.steps,
         lr=params.pretrain.lr,

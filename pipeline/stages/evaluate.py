@@ -11,59 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from diffusers import DDPMScheduler
-from tqdm import tqdm
-
-from dextra.filter.clip import ClipBundle, load_clip
+from dextra.filter.clip import load_clip
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.device import pick_device
 from dextra.pipeline.errors import InputError
-from dextra.pipeline.params import EvaluateParams, Params
+from dextra.pipeline.params import Params
 from dextra.pipeline.paths import Paths
-from dextra.train.metrics import Frechet, TestPrompts, clip_frechet, clip_score, inception_frechet
-from dextra.train.model import Denoiser, image_resolution, saved_vae
-from dextra.train.sampling import image_grid, sample, sampler
+from dextra.train.metrics import TestPrompts, clip_frechet, clip_score, inception_frechet, score
+from dextra.train.sampling import generate, image_grid, load_model
 from dvclive import Live
 
 GRID_SAMPLES = 32
 SEED_ONLY = "seed_only"
-
-
-def load_model(folder: Path, device: torch.device) -> tuple[Denoiser, object, int]:
-    """A saved EMA model with its VAE (or None) and the resolution of the images it generates."""
-    model = Denoiser.load(folder).to(device).eval()
-    vae = saved_vae(folder)
-    if vae is not None:
-        vae.to(device)
-    return model, vae, image_resolution(model, vae)
-
-
-def generate(
-    model: Denoiser, vae, folder: Path, prompts: TestPrompts, cfg: EvaluateParams, seed: int, label: str
-) -> torch.Tensor:
-    if prompts.conditions.shape[1] != model.condition_size:
-        raise InputError(
-            f"{folder}: the model was conditioned on {model.condition_size} values, the seed test captions have {prompts.conditions.shape[1]}"
-        )
-    scheduler = sampler(cfg.sampler, DDPMScheduler.from_pretrained(folder / "scheduler").config)
-    generator = torch.Generator().manual_seed(seed)  # the same noise for every model compared
-    device = next(model.parameters()).device
-    return torch.cat(
-        [
-            sample(model, scheduler, chunk.to(device), cfg.sampling_steps, cfg.guidance_scale, generator, vae).cpu()
-            for chunk in tqdm(prompts.conditions.split(cfg.batch_size), desc=f"evaluate {label}", unit="batch")
-        ]
-    )
-
-
-def score(
-    distances: dict[str, Frechet], bundle: ClipBundle, prompts: TestPrompts, generated: torch.Tensor, batch_size: int
-) -> dict[str, float]:
-    return {
-        **{name: distance(generated) for name, distance in distances.items()},
-        "clip_score": clip_score(bundle, generated, prompts.captions, batch_size),
-    }
 
 
 def inception_weights(params: Params, paths: Paths) -> Path | None:
@@ -73,7 +32,8 @@ def inception_weights(params: Params, paths: Paths) -> Path | None:
     path = paths.root / name
     if not path.is_file():
         raise InputError(
-            f"evaluate.inception_weights: {path} is not a file (torch-fidelity's Inception-v3 weights, e.g. weights-inception-2015-12-05-6726825d.pth)"
+            f"evaluate.inception_weights: {path} is not a file "
+            "(torch-fidelity's Inception-v3 weights, e.g. weights-inception-2015-12-05-6726825d.pth)"
         )
     return path
 
@@ -100,7 +60,7 @@ def run(params: Params, paths: Paths) -> dict:
     scores, grids = {}, {}
     for label, folder in folders.items():
         model, vae, _ = models[label]
-        generated = generate(model, vae, folder, prompts, cfg, params.seed, label)
+        generated = generate(model, vae, folder, prompts.conditions, cfg, params.seed, label)
         scores[label] = score(distances, bundle, prompts, generated, cfg.batch_size)
         grids[label] = image_grid(generated[:GRID_SAMPLES], prompts.captions[:GRID_SAMPLES])
     main = scores["main"]
@@ -119,7 +79,7 @@ def run(params: Params, paths: Paths) -> dict:
         for label, grid in grids.items():
             live.log_image("samples.png" if label == "main" else f"samples_{label}.png", grid)
     summary = _rounded(summary) | {"num_samples": cfg.num_samples, "guidance_scale": cfg.guidance_scale}
-    write_json(paths.metrics / "eval.json", summary)
+    write_json(paths.eval_metrics, summary)
     return summary
 
 

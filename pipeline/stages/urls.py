@@ -1,0 +1,42 @@
+"""`dextra urls`: every URL list of the manifest's `sources:` becomes data/urls/<source>.parquet (URL_SCHEMA).
+Lists given as `url:` + `sha256:` are downloaded (resumably) into data/urls/downloads/ first."""
+
+from __future__ import annotations
+
+import shutil
+
+from dextra.crawl.download import download_file
+from dextra.crawl.urls import build_list
+from dextra.pipeline.manifest import load_manifest
+from dextra.pipeline.params import Params
+from dextra.pipeline.paths import Paths
+from dextra.pipeline.shards import URL_SCHEMA, shard_files, write_table
+
+
+def run(params: Params, paths: Paths) -> dict:
+    manifest = load_manifest(params.dataset, paths)
+    # Read every source before writing any, so one broken source leaves all lists as they were.
+    tables, summary = {}, {}
+    for source in manifest.sources:
+        if source.url:
+            path = download_file(
+                source.url, paths.url_download(source.name, source.format), source.sha256, label=source.name
+            )
+        else:
+            path = paths.root / source.path
+        tables[source.name], summary[source.name] = build_list(source, path)
+    for name, table in tables.items():
+        write_table(table, paths.url_list(name), URL_SCHEMA)
+    removed = [p.stem for p in shard_files(paths.urls) if p.stem not in tables]
+    for stem in removed:
+        paths.url_list(stem).unlink()
+    keep = {paths.url_download(s.name, s.format).name for s in manifest.sources if s.url}
+    # .tmp: writes cut short by a kill; downloads of sources no longer listed
+    for stale in (*paths.urls.glob(".*.tmp"), *paths.url_downloads.glob("*")):
+        if stale.name.removesuffix(".json").removesuffix(".part").removesuffix(".bad") in keep:
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    return {"sources": summary, "removed": removed}
