@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dextra.pipeline.errors import ParamsError
+from dextra.pipeline.errors import ParamsError, validation_message
 from dextra.pipeline.paths import Paths
 
 
@@ -123,5 +123,4 @@ def load_manifest(dataset: str, paths: Paths) -> Manifest:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())
-        raise ParamsError(f"{path}: {problems}") from None
+        raise ParamsError(validation_message(str(path), exc, "pipeline/manifest.py")) from None

@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dextra.pipeline.errors import ParamsError
+from dextra.pipeline.errors import ParamsError, validation_message
 
 
 class _Section(BaseModel):
@@ -49,7 +49,7 @@ def parse_address_rule(text: str) -> tuple[IPv4Network | IPv6Network, int | None
 class FetchParams(_Section):
     """How images are fetched, stored and guarded (crawl/fetch.py, crawl/safety.py, crawl/worker.py)."""
 
-    image_size: int = Field(64, ge=8, le=4096, description="stored crawl images are resized to this side")
+    image_size: int = Field(32, ge=8, le=4096, description="stored crawl images are resized to this side")
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = Field(
         "keep_ratio",
         description="img2dataset's modes: keep_ratio sets the shorter side, keep_ratio_largest the longer one",
@@ -102,24 +102,31 @@ class ClipParams(_Section):
     model: str = Field(description="open_clip model name (e.g. ViT-B-32) or a bundled config name")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint path")
     train_epochs: int = Field(
-        0, ge=0, le=10_000, description="contrastive epochs on seed train pairs; 0 keeps the loaded weights"
+        90, ge=0, le=10_000, description="contrastive epochs on seed train pairs; 0 keeps the loaded weights"
     )
     batch_size: int = Field(128, ge=2, le=65_536)
-    lr: float = Field(5e-4, gt=0, le=1.0)
+    lr: float = Field(0.003, gt=0, le=1.0)
     weight_decay: float = Field(0.1, ge=0, le=10.0)
     holdout_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of seed train held out to pick the best epoch (early stopping)"
     )
-    patience: int = Field(5, ge=1, description="epochs without a better held-out loss before training stops")
+    patience: int = Field(10, ge=1, description="epochs without a better held-out loss before training stops")
     augment: bool = Field(
-        False,
-        description="train on images zoomed out onto their border colour, squeezed, rotated, sheared, shifted, stroke-thickened/thinned, blurred and lightly noised: changes no caption states (no colour change, no flip)",
+        True,
+        description=(
+            "train on images zoomed out onto their border colour, squeezed, rotated, sheared, shifted, "
+            "stroke-thickened/thinned, blurred and lightly noised: "
+            "changes no caption states (no colour change, no flip)"
+        ),
     )
     class_loss_weight: float = Field(
-        0.0,
+        8.0,
         ge=0,
         le=100,
-        description="weight of a cross-entropy on the seed classes (linear head on the image embedding) added to the contrastive loss; 0, or a seed without classes: plain CLIP",
+        description=(
+            "weight of a cross-entropy on the seed classes (linear head on the image embedding) added to the "
+            "contrastive loss; 0, or a seed without classes: plain CLIP"
+        ),
     )
 
 
@@ -145,7 +152,7 @@ class CurateParams(_Section):
         8, ge=0, le=64, description="pHash bits within which a crawled image copies a seed test image"
     )
     leak_similarity: float = Field(
-        0.5, ge=-1, le=1, description="CLIP similarity to that test image needed to confirm a leak"
+        -1.0, ge=-1, le=1, description="CLIP similarity to that test image needed to confirm a leak"
     )
     # detector 1: clusters per query
     cluster_detector: bool = True
@@ -155,11 +162,14 @@ class CurateParams(_Section):
         1.0,
         ge=0,
         le=100,
-        description="clusters whose centre is less similar to the seed than this percentile of the seed's own spread are dropped",
+        description=(
+            "clusters whose centre is less similar to the seed than this percentile of the seed's own spread "
+            "are dropped"
+        ),
     )
     # detector 2: a classifier trained on the seed classes
     class_detector: bool = True
-    min_class_confidence: float = Field(0.5, ge=0, le=1)
+    min_class_confidence: float = Field(0.3, ge=0, le=1)
     classifier_c: float = Field(10.0, gt=0, description="inverse regularisation strength of the logistic regression")
     # distance to the seed set, per image
     distance_detector: Literal["auto", "on", "off"] = Field(
@@ -187,7 +197,8 @@ class UNetParams(_Section):
 
 
 class DiTParams(_Section):
-    """A DiT-style transformer (diffusers' PixArtTransformer2DModel): patches, adaLN-single timestep, cross-attention to the condition."""
+    """A DiT-style transformer (diffusers' PixArtTransformer2DModel): patches, adaLN-single timestep, cross-attention
+    to the condition."""
 
     patch_size: int = Field(2, ge=1, le=16)
     num_layers: int = Field(4, ge=1, le=64)
@@ -206,7 +217,9 @@ class TrainParams(_Section):
     dit: DiTParams = DiTParams()
     vae: str | None = Field(
         None,
-        description="diffusers AutoencoderKL (local folder or hub name) to train in its latent space; null trains on pixels",
+        description=(
+            "diffusers AutoencoderKL (local folder or hub name) to train in its latent space; null trains on pixels"
+        ),
     )
     conditioning: Literal["pooled", "tokens", "image"] = Field(
         "pooled",
@@ -228,13 +241,16 @@ class TrainParams(_Section):
     checkpoints_kept: int = Field(2, ge=1, le=1000)
     grid_samples: int = Field(8, ge=0, le=64, description="samples in the grid logged at each checkpoint; 0 = none")
     monitor_samples: int = Field(
-        100,
+        64,
         ge=0,
         le=100_000,
-        description="samples for seed test captions scored with CLIP-FD at each checkpoint (dvclive plot clip_fd); 0 = none, 1 is too few",
+        description=(
+            "samples for seed test captions scored with CLIP-FD at each checkpoint (dvclive plot clip_fd); "
+            "0 = none, 1 is too few"
+        ),
     )
     random_flip: bool = Field(
-        True, description="mirror training images left-right; off when mirroring changes what the caption says"
+        False, description="mirror training images left-right; off when mirroring changes what the caption says"
     )
     condition_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training on the NULL condition")
     num_train_timesteps: int = Field(1000, ge=10, le=10_000)
@@ -242,7 +258,7 @@ class TrainParams(_Section):
         "v_prediction",
         description="what the UNet predicts; v learns the condition's colours and layout in far fewer steps",
     )
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
 
@@ -269,10 +285,15 @@ class PhaseParams(_Section):
 
 
 class PretrainParams(PhaseParams):
+    warmup_steps: int = Field(20, ge=0)
     warm_start: bool = Field(
         False,
         description="start from the EMA weights of the last pretrain (checkpoints/pretrain) instead of from scratch",
     )
+
+
+class FinetuneParams(PhaseParams):
+    warmup_steps: int = Field(10, ge=0)
 
 
 class EvaluateParams(_Section):
@@ -282,7 +303,7 @@ class EvaluateParams(_Section):
     sampler: Literal["ddim", "dpm_solver"] = "ddim"
     batch_size: int = Field(100, ge=1, le=65_536)
     baseline: bool = Field(
-        False, description="also train a seed-only model (the `baseline` stage) and score it beside pretrain→finetune"
+        True, description="also train a seed-only model (the `baseline` stage) and score it beside pretrain→finetune"
     )
     inception_weights: str | None = Field(
         None, description="local torch-fidelity Inception-v3 weights file; adds the standard FID to metrics/eval.json"
@@ -301,18 +322,8 @@ class Params(_Section):
     report: ReportParams = ReportParams()
     train: TrainParams = TrainParams()
     pretrain: PretrainParams
-    finetune: PhaseParams
+    finetune: FinetuneParams
     evaluate: EvaluateParams = EvaluateParams()
-
-
-def _describe(error: dict) -> str:
-    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{field}: unknown key (check the spelling; allowed keys are in pipeline/params.py)"
-    if kind == "missing":
-        return f"{field}: required but missing"
-    return f"{field}: {error['msg'][0].lower()}{error['msg'][1:]} (got {error.get('input')!r})"
 
 
 def parse_params(raw: object, source: str = "params.yaml") -> Params:
@@ -321,8 +332,7 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
-        raise ParamsError(f"{source}: {problems}") from None
+        raise ParamsError(validation_message(source, exc, "pipeline/params.py")) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -6,8 +6,7 @@ import yaml
 
 from dextra.pipeline.errors import ParamsError
 from dextra.pipeline.params import load_params, parse_params
-
-from .conftest import REPO
+from tests.helpers import REPO
 
 
 def test_repository_params_are_valid():
@@ -86,3 +85,23 @@ def test_cli_help_explains_every_stage():
         [sys.executable, "-m", "dextra.pipeline.cli", "curate", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "decisions.parquet" in result.stdout
+
+
+def test_schema_defaults_are_the_values_of_params_yaml():
+    """A reader of pipeline/params.py sees the values the project runs with: every default equals params.yaml's."""
+    from pydantic import BaseModel
+
+    from dextra.pipeline.params import Params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    differing = []
+
+    def walk(model: type[BaseModel], values: dict, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, values.get(name, {}), f"{prefix}{name}.")
+            elif not field.is_required() and name in values and field.get_default() != values[name]:
+                differing.append(f"{prefix}{name}: schema {field.get_default()!r}, params.yaml {values[name]!r}")
+
+    walk(Params, raw, "")
+    assert not differing
