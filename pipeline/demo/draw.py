@@ -69,6 +69,12 @@ def parse_caption(caption: str) -> tuple[str | None, str | None]:
     return digit, color
 
 
+def parse_colors(caption: str) -> tuple[str | None, str | None]:
+    """(foreground, background) colour named by a demo caption: its first and second colour words."""
+    colors = [t for t in re.findall(r"[a-z]+", caption.lower()) if t in COLORS]
+    return (colors[0] if colors else None), (colors[1] if len(colors) > 1 else None)
+
+
 def digit_mask(digit: np.ndarray, size: int) -> np.ndarray:
     """A load_digits 8x8 sample upscaled smoothly, its strokes pushed to full opacity."""
     small = Image.fromarray(np.uint8(np.round(digit * 255 / 16)))

@@ -5,6 +5,11 @@ the GT CLIP score of the real test images at the generated resolution, the ceili
 With evaluate.baseline the seed-only model of the `baseline` stage is sampled for the same captions from the same
 noise and scored beside it: the paper's claim, that pretraining on the extrapolated extra set helps, measured on
 this run's data. metrics/eval.json holds both and their difference (pretrain→finetune minus seed-only).
+
+On the demo an independent judge (pipeline/demo/judge.py), trained here on images drawn for it and not on the
+pipeline's CLIP, reads each sample's digit, foreground and background colour: caption_accuracy (all three as
+captioned) and the per-attribute accuracies join each model's scores; gt_* are the judge's scores of the real test
+images (its ceiling) and judge_heldout_* its accuracies on fresh drawn images.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from pathlib import Path
 
 from dextra.filter.clip import load_clip
 from dextra.pipeline.atomic import write_json
+from dextra.pipeline.demo import judge as demo_judge
 from dextra.pipeline.device import pick_device
 from dextra.pipeline.errors import InputError
+from dextra.pipeline.manifest import load_manifest
 from dextra.pipeline.params import Params
 from dextra.pipeline.paths import Paths
+from dextra.pipeline.shards import read_table
 from dextra.train.metrics import TestPrompts, clip_frechet, clip_score, inception_frechet, score
 from dextra.train.sampling import generate, image_grid, load_model
 from dvclive import Live
@@ -57,17 +65,28 @@ def run(params: Params, paths: Paths) -> dict:
     if inception is not None:
         distances["fid"] = inception_frechet(inception, prompts.real, cfg.batch_size, device)
 
+    judge, judge_heldout = None, {}
+    if paths.manifest(params.dataset).exists() and load_manifest(params.dataset, paths).seed.importer == "demo":
+        test_ids = read_table(paths.seed_split("test"), columns=["id"]).column("id").to_pylist()
+        judge, judge_heldout = demo_judge.train_judge(params, demo_judge.seed_test_samples(params, test_ids))
+
     scores, grids = {}, {}
     for label, folder in folders.items():
         model, vae, _ = models[label]
         generated = generate(model, vae, folder, prompts.conditions, cfg, params.seed, label)
         scores[label] = score(distances, bundle, prompts, generated, cfg.batch_size)
+        if judge is not None:
+            scores[label] |= demo_judge.judge_scores(judge, generated, prompts.captions)
         grids[label] = image_grid(generated[:GRID_SAMPLES], prompts.captions[:GRID_SAMPLES])
     main = scores["main"]
     summary = {
         **main,
         "gt_clip_score": clip_score(bundle, prompts.real[prompts.image_index], prompts.captions, cfg.batch_size),
     }
+    if judge is not None:  # the judge's ceiling (the real test images) and its accuracy on fresh drawn images
+        real = demo_judge.judge_scores(judge, prompts.real[prompts.image_index], prompts.captions)
+        summary |= {f"gt_{name}": value for name, value in real.items()}
+        summary |= {f"judge_heldout_{name}": value for name, value in judge_heldout.items()}
     if SEED_ONLY in scores:
         summary[SEED_ONLY] = scores[SEED_ONLY]
         summary["difference"] = {name: main[name] - value for name, value in scores[SEED_ONLY].items()}
