@@ -120,3 +120,31 @@ def consolidate(paths: Paths) -> pa.Table:
         if shard.name not in named:
             shard.unlink()
     return status
+
+
+def prune(paths: Paths, listed: set[str]) -> dict:
+    """Forget every attempted URL whose url_id is not in `listed`: its status row, and its image in the shards
+    (a shard left empty is deleted; the others are rewritten, so their embeddings are computed again)."""
+    with crawl_lock(paths):
+        status = consolidate(paths)
+        keep = pc.is_in(status["url_id"], pa.array(sorted(listed), pa.string()))
+        dropped = set(status.filter(pc.invert(keep))["url_id"].to_pylist())
+        if not dropped:
+            return {"pruned": 0, "shards_rewritten": 0}
+        rewritten = 0
+        for shard in shard_files(paths.crawl_shards):
+            images = read_table(shard)
+            kept = images.filter(pc.invert(pc.is_in(images["id"], pa.array(sorted(dropped), pa.string()))))
+            if kept.num_rows == images.num_rows:
+                continue
+            rewritten += 1
+            if kept.num_rows:
+                write_table(kept, shard)
+            else:
+                shard.unlink()
+        status = status.filter(keep)
+        present = {p.name for p in shard_files(paths.crawl_shards)}
+        shard = pc.if_else(pc.is_in(status["shard"], pa.array(sorted(present), pa.string())), status["shard"], None)
+        write_table(status.set_column(status.schema.get_field_index("shard"), "shard", shard), paths.crawl_status,
+                    CRAWL_STATUS_SCHEMA)  # fmt: skip
+    return {"pruned": len(dropped), "shards_rewritten": rewritten}

@@ -131,6 +131,8 @@ def render(
         "<a href='#leaks'>leaks</a><a href='#extrapolated'>extrapolated text</a></nav>",
         f"<p>{len(rows)} crawled URLs; {counts.get('kept', 0)} kept. "
         "Thumbnails show their scores below and on hover.</p>",
+        f"<p id='unlisted'>{summary.get('unlisted', 0)} fetched URLs are in no list now: they are left out, and "
+        "their images stay on disk for when a list names them again (<code>dextra prune</code> deletes them).</p>",
         "<h2 id='outcomes'>Outcomes</h2><table id='outcome-table'>"
         "<tr><th>outcome</th><th>URLs</th><th>share</th><th class='why'>meaning</th></tr>",
     ]

@@ -69,6 +69,15 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
 }
 
+# Commands that are no DVC stage, run by hand: command -> (module with run(params, paths), help).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prune": (
+        "dextra.pipeline.prune",
+        "Delete from data/crawl every fetched URL that no list under data/urls names any more (its status row and "
+        "its image). Curate already leaves such URLs out; their images wait on disk in case a list names them again.",
+    ),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -77,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Each subcommand is one stage of dvc.yaml; `dvc repro` runs them in order.",
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (_, help_text) in STAGES.items():
+    for name, (_, help_text) in {**STAGES, **COMMANDS}.items():
         stage = sub.add_parser(name, help=help_text.split(". ")[0].rstrip(".") + ".", description=help_text)
         stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         stage.add_argument("--root", default=".", help="repository root that data/ and models/ live under (default: .)")
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params)
-        module = importlib.import_module(STAGES[args.stage][0])
+        module = importlib.import_module({**STAGES, **COMMANDS}[args.stage][0])
         started = time.perf_counter()
         summary = module.run(params, Paths(Path(args.root)))
     except DextraError as exc:

@@ -2,6 +2,7 @@
 
 import imagehash
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -11,14 +12,12 @@ from dextra.filter.dedup import LeakBank, exact_duplicates, hamming, near_duplic
 from dextra.filter.detectors import SeedClassifier, cluster_detector, seed_spread_threshold
 from dextra.filter.extrapolate import extrapolate
 from dextra.filter.index import build_index, describe, search
+from dextra.pipeline import prune as prune_command
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import (
-    CURATED_SCHEMA,
-    DECISION_SCHEMA,
-    read_table,
-)
+from dextra.pipeline.shards import CURATED_SCHEMA, DECISION_SCHEMA, STATUS_SCHEMA, URL_SCHEMA, read_table, write_table
 from dextra.pipeline.stages import curate as curate_stage
+from dextra.pipeline.stages import report as report_stage
 from tests.helpers.curate import DIM, EVERY_DETECTOR, blocks, build_fixture, copy_of, encode, unit
 
 
@@ -208,6 +207,38 @@ def test_missing_inputs_name_the_file(tmp_path, make_params):
     with pytest.raises(InputError, match="no embedding for crawled image"):
         curate_stage.run(make_params(), paths)
     assert not paths.decisions.exists()
+
+
+def test_urls_no_list_names_leave_the_extra_set_and_come_back(tmp_path, make_params):
+    """A list shrinks (a source removed, a URL edited away): curate decides over what is listed now, the report counts
+    the rest, their images stay for when a list names them again, and `dextra prune` deletes them."""
+    paths, _ = build_fixture(tmp_path)
+    params = make_params(curate=EVERY_DETECTOR)
+    everything = read_table(paths.urls / "web.parquet", URL_SCHEMA)
+    gone = {"b_near1", "g_err"}
+    write_table(everything.filter(pa.array([u not in gone for u in everything["url_id"].to_pylist()])),
+                paths.urls / "web.parquet", URL_SCHEMA)  # fmt: skip
+    summary = curate_stage.run(params, paths)
+    decisions = read_table(paths.decisions, DECISION_SCHEMA).to_pylist()
+    assert summary["unlisted"] == 2 and not gone & {r["url_id"] for r in decisions}
+    kept = read_table(paths.curated_shards / "run0001-00000.parquet", CURATED_SCHEMA)["id"].to_pylist()
+    assert kept == ["a_near0"]
+    report_stage.run(params, paths)
+    assert "2 fetched URLs are in no list now" in paths.report_page.read_text()
+
+    write_table(everything, paths.urls / "web.parquet", URL_SCHEMA)  # listed again: back without a fetch
+    assert curate_stage.run(params, paths)["unlisted"] == 0
+    assert "b_near1" in read_table(paths.curated_shards / "run0001-00000.parquet", CURATED_SCHEMA)["id"].to_pylist()
+
+    write_table(everything.filter(pa.array([u not in gone for u in everything["url_id"].to_pylist()])),
+                paths.urls / "web.parquet", URL_SCHEMA)  # fmt: skip
+    before = read_table(paths.crawl_shards / "run0001-00000.parquet").num_rows
+    assert prune_command.run(params, paths) == {"pruned": 2, "shards_rewritten": 1}
+    status = read_table(paths.crawl_status, STATUS_SCHEMA)["url_id"].to_pylist()
+    assert not gone & set(status) and len(status) == len(everything) - 2
+    after = read_table(paths.crawl_shards / "run0001-00000.parquet")
+    assert after.num_rows == before - 1 and "b_near1" not in after["id"].to_pylist()  # g_err had no image
+    assert prune_command.run(params, paths) == {"pruned": 0, "shards_rewritten": 0}
 
 
 def synthetic_core_inputs(n_crawl: int = 4000, n_seed: int = 400, dim: int = 64):

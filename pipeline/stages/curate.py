@@ -78,22 +78,18 @@ def read_seed(paths: Paths) -> SeedSet:
     )
 
 
-def read_url_rows(paths: Paths) -> pa.Table:
-    """Every URL fetch attempted, with its status and the list row it came from (the first list's, as fetch does)."""
+def read_url_rows(paths: Paths) -> tuple[pa.Table, int]:
+    """Every listed URL fetch attempted, with its status and the list row it came from (the first list's, as fetch
+    does), and how many attempted URLs no list names now: they leave the extra set, but their images stay in
+    data/crawl for when a list names them again (`dextra prune` deletes them)."""
     status = read_table(paths.crawl_status, STATUS_SCHEMA)
     urls = read_tables(shard_files(paths.urls), URL_SCHEMA)
     first = {}
     for row, url_id in enumerate(urls.column("url_id").to_pylist()):
         first.setdefault(url_id, row)
     urls = urls.take(sorted(first.values()))  # a URL in several lists: the first list's row, as fetch does
-    joined = status.join(urls, "url_id", join_type="left outer")
-    unknown = pc.sum(pc.is_null(joined.column("url"))).as_py() or 0
-    if unknown:
-        raise InputError(
-            f"{paths.crawl_status}: {unknown} url_id(s) are in no list under {paths.urls} "
-            "(re-run `dextra urls` and `dextra fetch`)"
-        )
-    return joined.sort_by("url_id")
+    joined = status.join(urls, "url_id", join_type="inner")
+    return joined.sort_by("url_id"), status.num_rows - joined.num_rows
 
 
 def _read_images(shards: list[Path], ids: list[str], rows: Sequence[int]) -> list[bytes]:
@@ -176,7 +172,7 @@ def run(params: Params, paths: Paths) -> dict:
     ):
         if not needed.exists():
             raise InputError(f"{needed}: not found (run the stages before `curate`: dvc repro curate)")
-    rows = read_url_rows(paths)
+    rows, unlisted = read_url_rows(paths)
     seed, crawl = read_seed(paths), read_crawl(paths, rows)
     decided, extra, thresholds = curate(seed, crawl, params.curate, params.seed, pick_device(params.device))
     decisions = decision_table(rows, crawl, decided)
@@ -206,6 +202,7 @@ def run(params: Params, paths: Paths) -> dict:
         outcomes = {o["values"]: o["counts"] for o in pc.value_counts(decisions.column("outcome")).to_pylist()}
         summary = {
             "outcomes": outcomes,
+            "unlisted": unlisted,
             "thresholds": thresholds,
             "leak_hash_distance": params.curate.leak_hash_distance,
         }

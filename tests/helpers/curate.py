@@ -138,7 +138,7 @@ def build_fixture(root):
                 "url_id": ids,
                 "status": [crawled[i][0] for i in ids],
                 "error": [None if crawled[i][0] == "ok" else f"{crawled[i][0]} because" for i in ids],
-                "shard": [None] * len(ids),
+                "shard": ["run0001-00000.parquet" if crawled[i][0] == "ok" else None for i in ids],
             }
         ),
         paths.crawl_status,
