@@ -60,6 +60,10 @@ def load(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         if shards
         else pd.DataFrame(columns=CURATED_COLUMNS)
     )
+    # The truth names each image by its reference relative to urls.csv; the pipeline by the file:// URL it resolved to.
+    prefix = paths.demo_web.resolve().as_uri() + "/"
+    for frame in (decisions, curated):
+        frame["url"] = frame["url"].str.removeprefix(prefix)
     return pd.read_parquet(truth_path), decisions, curated
 
 

@@ -49,6 +49,24 @@ def test_normalize_url_and_stable_url_id():
     assert url_id(normalize_url("HTTP://EXAMPLE.com/a.jpg ")) == url_id("http://example.com/a.jpg")
 
 
+def test_relative_references_name_files_beside_the_list_only_where_files_are_allowed(tmp_path):
+    from dextra.crawl.urls import build_list
+    from dextra.pipeline.manifest import UrlSource
+
+    source = UrlSource(name="web", path="x")
+    for folder in ("a", "b/c"):
+        write_csv(tmp_path / folder / "urls.csv", "url,text", ["images/1.png,one", "http://example.com/2.jpg,two"])
+    here, there = (build_list(source, tmp_path / f / "urls.csv", files_allowed=True)[0] for f in ("a", "b/c"))
+    assert here["url"].to_pylist() == [(tmp_path / "a" / "images" / "1.png").as_uri(), "http://example.com/2.jpg"]
+    assert (
+        here["url_id"].to_pylist()
+        == there["url_id"].to_pylist()
+        == [url_id("images/1.png"), url_id("http://example.com/2.jpg")]
+    )
+    plain = build_list(source, tmp_path / "a" / "urls.csv")[0]  # http(s)-only manifests: nothing is resolved
+    assert plain["url"].to_pylist()[0] == "images/1.png"
+
+
 def test_urls_maps_columns_dedupes_and_drops_removed_sources(tmp_path):
     write_csv(
         tmp_path / "lists" / "a.csv",

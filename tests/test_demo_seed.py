@@ -18,20 +18,15 @@ from PIL import Image
 from dextra.pipeline.demo import draw
 from dextra.pipeline.demo.web import KINDS
 from dextra.pipeline.errors import InputError
-from dextra.pipeline.params import parse_params
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import CURATED_SCHEMA, DECISION_SCHEMA, read_table, write_table
+from dextra.pipeline.shards import CURATED_SCHEMA, DECISION_SCHEMA, URL_SCHEMA, read_table, write_table
 from dextra.pipeline.stages import seed
-
-REPO = Path(__file__).resolve().parents[1]
+from dextra.pipeline.stages import urls as urls_stage
+from tests.helpers import REPO, merge, repo_params
 
 
 def small_params(**overrides):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["demo"] = {**raw["demo"], "n_seed": 60, "n_web": 120}
-    for key, value in overrides.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-    return parse_params(raw)
+    return repo_params(**merge({"demo": {"n_seed": 60, "n_web": 120}}, overrides))
 
 
 def make_root(root: Path) -> Paths:
@@ -66,6 +61,21 @@ def test_same_params_give_the_same_bytes(tmp_path):
     assert {"train.parquet", "test.parquet", "demo_web/urls.csv", "demo_web/truth.parquet"} <= set(first)
     seed.run(small_params(seed=1), paths)
     assert snapshot(paths.seed)["train.parquet"] != first["train.parquet"]
+
+
+def test_the_demo_is_the_same_in_any_folder(tmp_path):
+    """Same params, two checkouts: byte-identical data/seed and the same url_ids (nothing is fetched again)."""
+    ids = []
+    for name in ("one", "other/place"):
+        paths = make_root(tmp_path / name)
+        seed.run(small_params(), paths)
+        urls_stage.run(small_params(), paths)
+        table = read_table(paths.urls / "demo_web.parquet", URL_SCHEMA)
+        ids.append(table["url_id"].to_pylist())
+        assert all(Path(u.removeprefix("file://")).is_file() for u in table["url"].to_pylist()[:20])  # resolved here
+        assert all(u.startswith(paths.demo_web.resolve().as_uri()) for u in table["url"].to_pylist())
+    assert snapshot(tmp_path / "one" / "data" / "seed") == snapshot(tmp_path / "other" / "place" / "data" / "seed")
+    assert ids[0] == ids[1] and len(set(ids[0])) == 120
 
 
 def test_splits_are_disjoint_stratified_and_follow_the_schema(demo_run):
@@ -114,7 +124,7 @@ def test_the_web_has_every_kind_and_its_truth_holds(demo_run):
     by_url = truth.set_index("url")
     for row in truth.itertuples():
         path = web / row.path
-        assert row.url == path.resolve().as_uri()
+        assert row.url == row.path  # relative to urls.csv, which the urls stage resolves
         if row.kind == "dead":
             assert not path.exists()
             continue

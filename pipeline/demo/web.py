@@ -77,8 +77,8 @@ def kind_counts(n_web: int) -> dict[str, int]:
 class _Web:
     """Builds the synthetic web row by row; each row draws from its own seeded generator."""
 
-    def __init__(self, params: Params, seed: list[SeedImage], test_ids: set[str], url_folder: Path):
-        self.params, self.url_folder = params, url_folder
+    def __init__(self, params: Params, seed: list[SeedImage], test_ids: set[str]):
+        self.params = params
         self.tests = [s for s in seed if s.id in test_ids]
         target = digits()[1]
         self.spare = {d: [i for i in seed_order(params)[1] if target[i] == d] for d in range(10)}
@@ -93,7 +93,7 @@ class _Web:
     def add(self, index: int, kind: str, rng: np.random.Generator, query: str, data: bytes | None, ext: str, **truth):
         path = f"images/web-{index:05d}.{ext}"
         self.rows[index] = {
-            "url": (self.url_folder / path).as_uri(),
+            "url": path,  # relative to urls.csv: the same URL and url_id in any checkout folder
             "path": path,
             "kind": kind,
             "query_digit": query,
@@ -275,15 +275,14 @@ class _Web:
         )
 
 
-def write_web(
-    params: Params, seed: list[SeedImage], test_ids: set[str], folder: Path, url_folder: Path
-) -> dict[str, int]:
-    """Write the synthetic web into `folder` (images/, urls.csv, truth.parquet), its URLs pointing into
-    `url_folder`, where the folder will finally live. Returns the count of each kind."""
+def write_web(params: Params, seed: list[SeedImage], test_ids: set[str], folder: Path) -> dict[str, int]:
+    """Write the synthetic web into `folder` (images/, urls.csv, truth.parquet). Its URLs are relative references
+    (images/web-00042.png), which the `urls` stage resolves against urls.csv's folder: nothing written depends on
+    where the checkout is. Returns the count of each kind."""
     counts = kind_counts(params.demo.n_web)
     kinds = [kind for kind in KINDS for _ in range(counts[kind])]
     kinds = [kinds[i] for i in np.random.default_rng([params.seed, 2]).permutation(len(kinds))]
-    web = _Web(params, seed, test_ids, url_folder)
+    web = _Web(params, seed, test_ids)
     ordinals = {kind: 0 for kind in KINDS}
     for index, kind in enumerate(kinds):
         if kind in ("in_domain", "wrong_class"):

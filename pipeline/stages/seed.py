@@ -49,7 +49,7 @@ def _import_demo(params: Params, paths: Paths, out: Path) -> tuple[list[dict], d
     rows = [shard_row(s.id, s.png, s.pixels.shape[1::-1], s.captions, split[s.id], s.digit, "demo") for s in images]
     test_ids = {key for key, value in split.items() if value == "test"}
     web = out / paths.demo_web.relative_to(paths.seed)
-    kinds = write_web(params, images, test_ids, web, paths.demo_web.resolve())
+    kinds = write_web(params, images, test_ids, web)
     return rows, {"web_urls": sum(kinds.values()), "web_kinds": kinds}
 
 
