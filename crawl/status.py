@@ -15,12 +15,14 @@ import fcntl
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dextra.pipeline.atomic import write_bytes
 from dextra.pipeline.errors import InputError
@@ -120,6 +122,32 @@ def consolidate(paths: Paths) -> pa.Table:
         if shard.name not in named:
             shard.unlink()
     return status
+
+
+def repair(paths: Paths, status: pa.Table) -> tuple[pa.Table, list[str]]:
+    """Image shards that are missing, unreadable (a truncated footer) or hold fewer rows than their status says
+    give their URLs back: their status rows go, so the next fetch tries them again as never attempted, and the damaged
+    file is deleted. Nothing else is fetched again. Returns the status and one line per repaired shard."""
+    expected = Counter(status.filter(pc.equal(status["status"], "ok"))["shard"].to_pylist())
+    damaged, lines = set(), []
+    for name, rows in sorted(expected.items()):
+        path = paths.crawl_shards / name
+        try:
+            found = pq.ParquetFile(path).metadata.num_rows
+            problem = None if found >= rows else f"holds {found} of its {rows} images"
+        except FileNotFoundError:
+            problem = "is missing"
+        except (OSError, pa.ArrowInvalid) as exc:
+            problem = f"is unreadable ({str(exc).splitlines()[0]})"
+        if problem:
+            damaged.add(name)
+            path.unlink(missing_ok=True)
+            lines.append(f"{path} {problem}: its {rows} URLs will be fetched again")
+    if not damaged:
+        return status, lines
+    status = status.filter(pc.invert(pc.is_in(status["shard"], pa.array(sorted(damaged), pa.string()))))
+    write_table(status, paths.crawl_status, CRAWL_STATUS_SCHEMA)
+    return status, lines
 
 
 def prune(paths: Paths, listed: set[str]) -> dict:

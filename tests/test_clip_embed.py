@@ -217,6 +217,20 @@ def test_embed_is_incremental(seeded, png):
     again = embed.run(params, paths)
     assert again["embedded"]["crawl_images"] == 5 and again["shards_skipped"] == 4
 
+    # A damaged output (truncated as a disk error would) and a lost one are embedded again, and nothing else.
+    crawl_file, caption_file = (
+        paths.embedding_file("crawl_images", "run1-00000"),
+        paths.embedding_file("seed_captions", "test"),
+    )
+    good = crawl_file.read_bytes()
+    crawl_file.write_bytes(good[: len(good) // 2])
+    caption_file.unlink()
+    mended = embed.run(params, paths)
+    assert mended["repaired"] == 2 and mended["shards_skipped"] == 3
+    assert mended["embedded"] == {"seed_images": 0, "seed_captions": 16, "crawl_images": 5}
+    assert crawl_file.read_bytes() == good and read_embeddings([caption_file])[1].shape == (16, 128)
+    assert embed.run(params, paths)["repaired"] == 0
+
     clip_stage.run(
         params.model_copy(update={"seed": 7, "clip": params.clip.model_copy(update={"train_epochs": 1})}), paths
     )

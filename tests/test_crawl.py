@@ -19,7 +19,7 @@ from dextra.crawl.status import CRAWL_STATUS_SCHEMA
 from dextra.crawl.urls import normalize_url, url_id
 from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.params import parse_params
-from dextra.pipeline.shards import IMAGE_SCHEMA, STATUS_SCHEMA, URL_SCHEMA, read_table, shard_files
+from dextra.pipeline.shards import IMAGE_SCHEMA, STATUS_SCHEMA, URL_SCHEMA, read_table, read_tables, shard_files
 from dextra.pipeline.stages import fetch, urls
 from tests.helpers import REPO
 from tests.helpers.web import Web, encoded, project, static, write_csv
@@ -223,6 +223,7 @@ def test_fetch_writes_one_status_row_per_url(crawled, web):
         "new": 7,
         "retried": 0,
         "duplicates": 1,
+        "repaired": 0,
         "run": "run0001",
         "ok": 2,
         "error": 3,
@@ -252,7 +253,7 @@ def test_fetch_again_fetches_only_new_urls(crawled, web, capsys):
     params, paths = project(root, crawled["sources"], web=web)
     before = _snapshot(paths.crawl)
     web.hits.clear()
-    assert fetch.run(params, paths) == {"listed": 8, "new": 0, "retried": 0, "duplicates": 1}
+    assert fetch.run(params, paths) == {"listed": 8, "new": 0, "retried": 0, "duplicates": 1, "repaired": 0}
     assert _snapshot(paths.crawl) == before and not web.hits
 
     # a run killed mid-commit left an image shard no status row names: it is discarded, its URLs fetched again
@@ -322,3 +323,35 @@ def test_fetch_params_are_checked(tmp_path):
         params, paths = project(tmp_path, [], distributor="ray")
         with pytest.raises(ParamsError, match=r"^fetch\.distributor: ray is not installed \(pip install ray\)$"):
             fetch.run(params, paths)
+
+
+def test_a_damaged_or_lost_crawl_shard_sends_only_its_urls_back_to_fetch(tmp_path, web, capsys):
+    """A shard truncated as a disk error would, and one deleted: the next fetch says what it repaired and fetches
+    exactly their URLs again; the other shard is not touched."""
+    for i in range(6):
+        web.routes[f"/shard{i}.png"] = static(encoded(Image.new("RGB", (30, 30), (40 * i, 80, 120)), "PNG"))
+    write_csv(
+        tmp_path / "lists" / "web.csv", "url,text,query,class", [f"{web.base}/shard{i}.png,t,q,c" for i in range(6)]
+    )
+    params, paths = project(tmp_path, [{"name": "web", "path": "lists/web.csv"}], web=web, shard_size=2)
+    urls.run(params, paths)
+    fetch.run(params, paths)
+    shards = shard_files(paths.crawl_shards)
+    assert len(shards) == 3
+    untouched = shards[2].read_bytes()
+    lost = set(read_table(shards[0])["url"].to_pylist()) | set(read_table(shards[1])["url"].to_pylist())
+    shards[0].write_bytes(shards[0].read_bytes()[:300])
+    shards[1].unlink()
+    web.hits.clear()
+    capsys.readouterr()
+    summary = fetch.run(params, paths)
+    out = capsys.readouterr().out
+    assert summary["repaired"] == 2 and summary["new"] == 4 and summary["ok"] == 4
+    assert "repaired" in out and "is unreadable" in out and "is missing" in out
+    assert {f"{web.base}{path}" for path in web.hits} == lost
+    assert shards[2].read_bytes() == untouched
+    status = read_table(paths.crawl_status, STATUS_SCHEMA)
+    assert status.num_rows == 6 and set(status["status"].to_pylist()) == {"ok"}
+    images = read_tables(shard_files(paths.crawl_shards), IMAGE_SCHEMA)
+    assert sorted(images["url"].to_pylist()) == sorted(f"{web.base}/shard{i}.png" for i in range(6))
+    assert fetch.run(params, paths)["repaired"] == 0

@@ -281,4 +281,5 @@ def test_the_next_run_retries_exactly_the_transient_failures(hostile):
         "new": 0,
         "retried": 0,
         "duplicates": 0,
+        "repaired": 0,
     }

@@ -23,7 +23,7 @@ from dextra.pipeline.params import Params
 from dextra.pipeline.paths import EMBEDDING_KINDS, Paths
 from dextra.pipeline.shards import file_sha256, read_table, shard_files, write_embeddings
 
-FORMAT = 2  # 2: image files carry a `phash` column
+FORMAT = 3  # 2: image files carry a `phash` column; 3: index.json records each output's sha256
 
 
 def _jobs(paths: Paths) -> list[tuple[str, Path, Path]]:
@@ -65,6 +65,7 @@ def run(params: Params, paths: Paths) -> dict:
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     current = index.get("model") == model_sha and index.get("format") == FORMAT
     done: dict[str, str] = index.get("inputs", {}) if current else {}
+    written: dict[str, str] = index.get("outputs", {}) if current else {}
 
     jobs = _jobs(paths)
     wanted = {str(target.relative_to(paths.embeddings)) for _, _, target in jobs}
@@ -77,15 +78,19 @@ def run(params: Params, paths: Paths) -> dict:
 
     bundle = load_clip(paths.clip, device)
     counts = {kind: 0 for kind in EMBEDDING_KINDS}
-    skipped = 0
+    skipped, repaired = 0, 0
     for kind, source, target in tqdm(jobs, desc="embed", unit="shard"):
         rel, source_sha = str(target.relative_to(paths.embeddings)), file_sha256(source)
-        if done.get(rel) == source_sha and target.exists():
-            skipped += 1
-            continue
+        if done.get(rel) == source_sha:
+            if target.exists() and written.get(rel) == file_sha256(target):
+                skipped += 1
+                continue
+            repaired += 1  # embedded before, but the file is gone or not what was written: embed it again
+            problem = "is missing" if not target.exists() else "is not the file embed wrote (damaged)"
+            print(f"dextra embed: repaired: {target} {problem}; embedding {source} again", flush=True)
         counts[kind] += _embed_one(bundle, kind, source, target, params)
-        done[rel] = source_sha
+        done[rel], written[rel] = source_sha, file_sha256(target)
         # after each shard: a killed run keeps its work
-        write_json(index_path, {"model": model_sha, "format": FORMAT, "inputs": done})
-    write_json(index_path, {"model": model_sha, "format": FORMAT, "inputs": done})
-    return {"embedded": counts, "shards_skipped": skipped, "dim": bundle.embed_dim}
+        write_json(index_path, {"model": model_sha, "format": FORMAT, "inputs": done, "outputs": written})
+    write_json(index_path, {"model": model_sha, "format": FORMAT, "inputs": done, "outputs": written})
+    return {"embedded": counts, "shards_skipped": skipped, "repaired": repaired, "dim": bundle.embed_dim}

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from dextra.crawl.fetch import check_distributor, download, retryable, select
 from dextra.crawl.safety import Policy
-from dextra.crawl.status import consolidate, crawl_lock, next_run
+from dextra.crawl.status import consolidate, crawl_lock, next_run, repair
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.errors import ParamsError
 from dextra.pipeline.manifest import load_manifest
@@ -76,8 +76,12 @@ def run(params: Params, paths: Paths) -> dict:
     check_distributor(fetch)
     with crawl_lock(paths):
         status = consolidate(paths)  # what a killed run committed counts; what it left half-done goes
+        status, repaired = repair(paths, status)
+        for line in repaired:
+            print(f"dextra fetch: repaired: {line}", flush=True)
         urls = read_tables([paths.url_list(s.name) for s in manifest.sources], URL_SCHEMA)
         todo, summary = select(urls, status, fetch.transient_retries)
+        summary["repaired"] = len(repaired)
         if not todo.num_rows:
             return summary
         check_image_settings(paths, fetch)
