@@ -49,3 +49,14 @@ def test_the_judge_reads_images_it_never_saw(trained):
     noise = judge.judge_scores(model, torch.rand_like(pixels), captions)
     assert right["caption_accuracy"] > 0.6 and right["fg_accuracy"] > 0.95 and right["bg_accuracy"] > 0.95
     assert shuffled["caption_accuracy"] < 0.1 and noise["caption_accuracy"] < 0.1
+
+
+def test_a_cached_judge_is_the_same_judge(trained, tmp_path):
+    params, model, heldout, unseen = trained
+    exclude = judge.seed_test_samples(params, [s.id for s in unseen])
+    first, first_heldout = judge.cached_judge(params, exclude, tmp_path)
+    again, again_heldout = judge.cached_judge(params, exclude, tmp_path)
+    assert first_heldout == again_heldout == heldout and len(list(tmp_path.glob("judge-*.pt"))) == 1
+    pixels = torch.rand(8, 3, 16, 16)
+    assert torch.equal(judge.predict(first, pixels), judge.predict(again, pixels))
+    assert torch.equal(judge.predict(model, pixels), judge.predict(again, pixels))

@@ -100,3 +100,11 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
     again = stages_run(dvc(tmp_path, "repro"))
     assert {"urls", "fetch", "embed", "curate", "pretrain"} <= set(again)  # (copies: curate may keep none of them)
     assert not {"seed", "clip", "baseline"} & set(again)
+
+    # DVC's experiments: a curate param re-runs curate and what follows it, never what comes before or the baseline.
+    tried = stages_run(dvc(tmp_path, "exp", "run", "-S", "curate.k_neighbors=2"))
+    assert tried[0] == "curate" and not {"seed", "urls", "fetch", "clip", "embed", "baseline"} & set(tried)
+    assert {"report", "pretrain"} <= set(tried)
+    table = dvc(tmp_path, "exp", "show", "--md")
+    assert "curate.k_neighbors" in table and "clip_fd" in table
+    assert "clip_fd" in dvc(tmp_path, "metrics", "diff", "--all")

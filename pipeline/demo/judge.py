@@ -8,13 +8,17 @@ ground truth for pictures, as truth.parquet is for the web: a torch classifier o
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dextra.pipeline.atomic import atomic_path
 from dextra.pipeline.demo.draw import (
     COLOR_PAIRS,
     COLORS,
@@ -102,6 +106,23 @@ def seed_test_samples(params: Params, test_ids: Sequence[str]) -> set[int]:
     """The load_digits samples behind the seed test images (ids demo-<i>): the judge never trains on them."""
     order = seed_order(params)[0]
     return {int(order[int(i.rsplit("-", 1)[1])]) for i in test_ids}
+
+
+def cached_judge(params: Params, exclude: set[int], cache: Path) -> tuple[Judge, dict]:
+    """train_judge's result, kept in the folder `cache` under a key naming everything it depends on: a judge
+    costs about 25 s on two cores, and evaluate runs again whenever a model changes."""
+    key = {"format": 1, "seed": params.seed, "demo": params.demo.model_dump(), "exclude": sorted(exclude),
+           "images": IMAGES, "steps": STEPS, "resolution": RESOLUTION}  # fmt: skip
+    path = cache / f"judge-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        judge = Judge()
+        judge.load_state_dict(saved["state_dict"])
+        return judge.eval(), saved["heldout"]
+    judge, heldout = train_judge(params, exclude)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": judge.state_dict(), "heldout": heldout}, tmp)
+    return judge, heldout
 
 
 def train_judge(params: Params, exclude: set[int], n: int = IMAGES, steps: int = STEPS) -> tuple[Judge, dict]:

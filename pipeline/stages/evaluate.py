@@ -68,7 +68,8 @@ def run(params: Params, paths: Paths) -> dict:
     judge, judge_heldout = None, {}
     if paths.manifest(params.dataset).exists() and load_manifest(params.dataset, paths).seed.importer == "demo":
         test_ids = read_table(paths.seed_split("test"), columns=["id"]).column("id").to_pylist()
-        judge, judge_heldout = demo_judge.train_judge(params, demo_judge.seed_test_samples(params, test_ids))
+        exclude = demo_judge.seed_test_samples(params, test_ids)
+        judge, judge_heldout = demo_judge.cached_judge(params, exclude, paths.train_cache)
 
     scores, grids = {}, {}
     for label, folder in folders.items():
