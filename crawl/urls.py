@@ -57,11 +57,11 @@ def _strings(frame: pd.DataFrame, column: str | None) -> list[str | None]:
     return [None if pd.isna(v) else str(v) for v in frame[column]]
 
 
-def build_list(source: UrlSource, path: Path, files_allowed: bool = False) -> tuple[pa.Table, dict]:
+def build_list(source: UrlSource, path: Path, files_root: Path | None = None) -> tuple[pa.Table, dict]:
     """The URL_SCHEMA table of one source, duplicates (same normalised URL) and empty URLs dropped. Where the manifest
-    allows file:// URLs (`files_allowed`), a relative reference (images/a.png) names a file beside the list: its URL
-    is that file's file:// URL, and its url_id the hash of the reference, so a list and its files moved together
-    (a checkout in another folder) keep their ids."""
+    allows file:// URLs, `files_root` is the repository root, and a relative reference (images/a.png) names a file
+    beside the list: its URL is that file's file:// URL, and its url_id the hash of its path relative to the root, so
+    a checkout moved to another folder keeps its ids (a file outside the root is named by its file:// URL)."""
     frame = _read_list(path, source.format)
     columns = source.columns
     if columns.url not in frame.columns:
@@ -75,8 +75,11 @@ def build_list(source: UrlSource, path: Path, files_allowed: bool = False) -> tu
             empty += 1
             continue
         key = url_id(url)
-        if files_allowed and not _AUTHORITY.match(url) and not url.startswith("file:"):
-            url = (path.parent / url).resolve().as_uri()
+        if files_root is not None and not _AUTHORITY.match(url) and not url.startswith("file:"):
+            file = (path.parent / url).resolve()
+            url = file.as_uri()
+            inside = file.is_relative_to(files_root.resolve())
+            key = url_id(file.relative_to(files_root.resolve()).as_posix() if inside else url)
         if key in rows:
             duplicates += 1
             continue

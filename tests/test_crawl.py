@@ -54,16 +54,16 @@ def test_relative_references_name_files_beside_the_list_only_where_files_are_all
     from dextra.pipeline.manifest import UrlSource
 
     source = UrlSource(name="web", path="x")
-    for folder in ("a", "b/c"):
+    for folder in ("one/lists", "two/checkout/lists", "one/more"):
         write_csv(tmp_path / folder / "urls.csv", "url,text", ["images/1.png,one", "http://example.com/2.jpg,two"])
-    here, there = (build_list(source, tmp_path / f / "urls.csv", files_allowed=True)[0] for f in ("a", "b/c"))
-    assert here["url"].to_pylist() == [(tmp_path / "a" / "images" / "1.png").as_uri(), "http://example.com/2.jpg"]
-    assert (
-        here["url_id"].to_pylist()
-        == there["url_id"].to_pylist()
-        == [url_id("images/1.png"), url_id("http://example.com/2.jpg")]
-    )
-    plain = build_list(source, tmp_path / "a" / "urls.csv")[0]  # http(s)-only manifests: nothing is resolved
+    here = build_list(source, tmp_path / "one/lists/urls.csv", tmp_path / "one")[0]
+    moved = build_list(source, tmp_path / "two/checkout/lists/urls.csv", tmp_path / "two/checkout")[0]
+    other = build_list(source, tmp_path / "one/more/urls.csv", tmp_path / "one")[0]
+    assert here["url"].to_pylist() == [(tmp_path / "one/lists/images/1.png").as_uri(), "http://example.com/2.jpg"]
+    assert here["url_id"].to_pylist() == moved["url_id"].to_pylist()  # the same checkout in another folder
+    assert here["url_id"].to_pylist() == [url_id("lists/images/1.png"), url_id("http://example.com/2.jpg")]
+    assert other["url_id"][0] != here["url_id"][0]  # the same reference beside another list is another file
+    plain = build_list(source, tmp_path / "one/lists/urls.csv")[0]  # http(s)-only manifests: nothing is resolved
     assert plain["url"].to_pylist()[0] == "images/1.png"
 
 

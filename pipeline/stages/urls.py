@@ -24,8 +24,8 @@ def run(params: Params, paths: Paths) -> dict:
             )
         else:
             path = paths.root / source.path
-        files_allowed = "file" in manifest.allowed_schemes
-        tables[source.name], summary[source.name] = build_list(source, path, files_allowed)
+        files_root = paths.root if "file" in manifest.allowed_schemes else None
+        tables[source.name], summary[source.name] = build_list(source, path, files_root)
     for name, table in tables.items():
         write_table(table, paths.url_list(name), URL_SCHEMA)
     removed = [p.stem for p in shard_files(paths.urls) if p.stem not in tables]
