@@ -326,6 +326,14 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
 
 
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` (a params mapping) with `overrides` laid over it, nested sections key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def parse_params(raw: object, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")

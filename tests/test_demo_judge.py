@@ -51,12 +51,16 @@ def test_the_judge_reads_images_it_never_saw(trained):
     assert shuffled["caption_accuracy"] < 0.1 and noise["caption_accuracy"] < 0.1
 
 
-def test_a_cached_judge_is_the_same_judge(trained, tmp_path):
+def test_a_cached_judge_is_the_same_judge(trained, tmp_path, monkeypatch):
     params, model, heldout, unseen = trained
+    trainings = []
+    monkeypatch.setattr(judge, "train_judge", lambda *args: trainings.append(args) or (model, heldout))
     exclude = judge.seed_test_samples(params, [s.id for s in unseen])
     first, first_heldout = judge.cached_judge(params, exclude, tmp_path)
     again, again_heldout = judge.cached_judge(params, exclude, tmp_path)
-    assert first_heldout == again_heldout == heldout and len(list(tmp_path.glob("judge-*.pt"))) == 1
+    assert len(trainings) == 1 and first_heldout == again_heldout == heldout
+    assert len(list(tmp_path.glob("judge-*.pt"))) == 1
     pixels = torch.rand(8, 3, 16, 16)
-    assert torch.equal(judge.predict(first, pixels), judge.predict(again, pixels))
     assert torch.equal(judge.predict(model, pixels), judge.predict(again, pixels))
+    judge.cached_judge(params.model_copy(update={"seed": params.seed + 1}), exclude, tmp_path)
+    assert len(trainings) == 2 and len(list(tmp_path.glob("judge-*.pt"))) == 2  # another seed, another judge

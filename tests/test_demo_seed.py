@@ -18,15 +18,16 @@ from PIL import Image
 from dextra.pipeline.demo import draw
 from dextra.pipeline.demo.web import KINDS
 from dextra.pipeline.errors import InputError
+from dextra.pipeline.params import merged
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import CURATED_SCHEMA, DECISION_SCHEMA, URL_SCHEMA, read_table, write_table
 from dextra.pipeline.stages import seed
 from dextra.pipeline.stages import urls as urls_stage
-from tests.helpers import REPO, merge, repo_params
+from tests.helpers import REPO, repo_params
 
 
 def small_params(**overrides):
-    return repo_params(**merge({"demo": {"n_seed": 60, "n_web": 120}}, overrides))
+    return repo_params(**merged({"demo": {"n_seed": 60, "n_web": 120}}, overrides))
 
 
 def make_root(root: Path) -> Paths:

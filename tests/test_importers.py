@@ -433,12 +433,12 @@ def test_a_missing_dataset_folder_names_it_and_the_manifest(tmp_path, make_param
 @pytest.mark.parametrize(
     "block, message",
     [
-        ({"importer": "imagenet", "path": "x"}, r"seed: Input tag 'imagenet' .* does not match"),
-        ({"importer": "cub"}, r"seed\.cub\.path: Field required"),
+        ({"importer": "imagenet", "path": "x"}, r"seed: input tag 'imagenet' .* does not match"),
+        ({"importer": "cub"}, r"seed\.cub\.path: required but missing"),
         ({"importer": "cub", "path": "x", "split": "random"}, r"seed\.cub\.split"),
-        ({"importer": "demo", "subset": {"train": 5}}, r"seed\.demo\.subset: Extra inputs"),
+        ({"importer": "demo", "subset": {"train": 5}}, r"seed\.demo\.subset: unknown key"),
         ({"importer": "coco", "path": "x", "subset": {"train": 0}}, r"seed\.coco\.subset\.train"),
-        ({"importer": "oxford", "path": "x", "captions_dir": "t"}, r"seed\.oxford\.captions_dir: Extra inputs"),
+        ({"importer": "oxford", "path": "x", "captions_dir": "t"}, r"seed\.oxford\.captions_dir: unknown key"),
     ],
 )
 def test_manifest_seed_blocks_are_validated(tmp_path, block, message):

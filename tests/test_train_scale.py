@@ -32,8 +32,16 @@ def project(root: Path, params) -> Path:
     write_curated(paths)
     write_seed(paths, "test", 4)  # clip reports its retrieval recall on seed test
     clip_stage.run(params, paths)
-    shutil.copytree(REPO / "train", root / "train", ignore=shutil.ignore_patterns("__pycache__"))
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for dep in stages["pretrain"]["deps"]:  # the code the stage runs; the data are written above
+        source = REPO / dep
+        if dep.startswith(("data/", "models/")) or (root / dep).exists():
+            continue
+        if source.is_dir():
+            shutil.copytree(source, root / dep, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / dep).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / dep)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": stages["pretrain"]}}, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     for command in (

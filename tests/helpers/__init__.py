@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import yaml
 
+from dextra.pipeline.params import merged
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def merge(base: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def repo_params_dict(**overrides) -> dict:
     """The repository's params.yaml as a dict, deep-merged with nested overrides (the one way tests build params)."""
-    return merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+    return merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
 
 
 def repo_params(**overrides):

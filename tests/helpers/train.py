@@ -10,10 +10,10 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from dextra.pipeline.params import parse_params
+from dextra.pipeline.params import merged, parse_params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import IMAGE_SCHEMA, sha256_hex, write_embeddings, write_table
-from tests.helpers import merge, repo_params_dict
+from tests.helpers import repo_params_dict
 
 DIM = 16  # condition (caption embedding) dimension of the fixtures
 COLOURS = np.array([[230, 40, 40], [40, 40, 230]], np.uint8)
@@ -43,7 +43,7 @@ SMALL_TRAINING = {
 
 def small_training_params(**overrides):
     """SMALL_TRAINING, then `overrides`, deep-merged into the repository's params."""
-    return parse_params(merge(repo_params_dict(**SMALL_TRAINING), overrides))
+    return parse_params(merged(repo_params_dict(**SMALL_TRAINING), overrides))
 
 
 def png(colour, size: int, rng) -> bytes:
