@@ -185,6 +185,12 @@ class CurateParams(_Section):
     exact_index_max: int = Field(20_000, ge=1, description="vectors up to which indexes are exact (flat); above, IVF")
     nprobe: int = Field(4, ge=1, le=65_536, description="inverted lists searched per query in IVF indexes")
 
+    @field_validator("distance_detector", mode="before")
+    @classmethod
+    def _on_off_as_written(cls, value: object) -> object:
+        """YAML 1.1 reads a bare on / off as a boolean (DVC writes them bare after `dvc exp run -S`): take it back."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class ReportParams(_Section):
     gallery_size: int = Field(24, ge=0, le=1000)

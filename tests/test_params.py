@@ -105,3 +105,9 @@ def test_schema_defaults_are_the_values_of_params_yaml():
 
     walk(Params, raw, "")
     assert not differing
+
+
+def test_a_bare_on_or_off_reads_as_the_word(make_params):
+    """DVC rewrites params.yaml after `dvc exp run -S`, leaving on / off bare, which YAML 1.1 reads as booleans."""
+    assert make_params(curate={"distance_detector": True}).curate.distance_detector == "on"
+    assert make_params(curate={"distance_detector": False}).curate.distance_detector == "off"
