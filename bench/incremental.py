@@ -53,7 +53,10 @@ def repro(root: Path) -> dict[str, dict]:
     result = subprocess.run(["dvc", "repro"], cwd=root, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"bench/incremental.py: dvc repro failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    return {m[1]: {"seconds": float(m[2]), "summary": json.loads(m[3])} for m in DONE.findall(result.stdout)}
+    return {
+        stage: {"seconds": float(seconds), "summary": json.loads(summary)}
+        for stage, seconds, summary in DONE.findall(result.stdout)
+    }
 
 
 def items(stage: str, summary: dict) -> int | None:

@@ -216,6 +216,10 @@ def main() -> None:
             paths = Paths(Path(tmp))
             shutil.copytree(source.curated_shards, paths.curated_shards)
             shutil.copytree(source.clip, paths.clip)
+            # the checkpoint monitor samples for seed test captions: the split and its caption embeddings
+            paths.seed.mkdir(parents=True)
+            shutil.copy2(source.seed_split("test"), paths.seed_split("test"))
+            shutil.copytree(source.embedding_folder("seed_captions"), paths.embedding_folder("seed_captions"))
             vae = small_vae(Path(tmp) / "vae")
             configs = {"pixels": {}, "latents": {"vae": str(vae), "resolution": 64}}
             results = {}
