@@ -68,9 +68,9 @@ def items(stage: str, summary: dict) -> int | None:
 
 
 def add_list(root: Path, raw: dict, share: float) -> int:
-    """A new list of share x demo.n_web web images beside the manifest's, drawn with another seed; returns its size."""
+    """A new list of share x demo.n_web web images (50 at least) drawn with another seed; returns its size."""
     params = parse_params(raw)
-    n_new = max(10, round(params.demo.n_web * share))
+    n_new = max(50, round(params.demo.n_web * share))  # the demo generator draws 50 at least
     other = parse_params(merged(raw, {"seed": params.seed + 1, "demo": {"n_web": n_new}}))
     test_ids = set(read_table(Paths(root).seed_split("test"), columns=["id"])["id"].to_pylist())
     write_web(other, seed_images(params), test_ids, root / "lists" / "new_web")
