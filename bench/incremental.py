@@ -37,9 +37,9 @@ from dextra.pipeline.shards import read_table
 ROOT = Path(__file__).resolve().parents[1]
 DONE = re.compile(r"^dextra (\w+): done in ([\d.]+)s (\{.*\})$", re.M)
 SMALL = {  # the size tests/test_pipeline_dvc.py runs: every stage for real, in a few minutes
-    "demo": {"n_seed": 120, "n_web": 200},
+    "demo": {"n_seed": 120, "n_web": 200, "n_corpus": 90},
     "fetch": {"processes": 1, "threads": 8},
-    "clip": {"train_epochs": 2, "batch_size": 32},
+    "clip": {"train_epochs": 2, "batch_size": 32, "corpus_epochs": 1},
     "curate": {"cluster_detector": False, "class_detector": False, "distance_detector": "on"},
     "train": {"monitor_samples": 0},
     "pretrain": {"steps": 20, "warmup_steps": 2},

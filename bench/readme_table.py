@@ -106,7 +106,23 @@ def rows_train(r: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def rows_method_ablation(r: dict) -> list[tuple[str, str, str]]:
+    def cell(metrics: dict, name: str) -> str:
+        return f"{metrics[name]['mean']:.3f} ± {metrics[name]['std']:.3f}"
+
+    return [
+        (
+            f"method: {variant}",
+            f"caption acc {cell(m, 'caption_accuracy')}",
+            f"CLIP-FD {cell(m, 'clip_fd')}, CLIP score {cell(m, 'clip_score')}; {r['seeds']} seeds, "
+            f"{r['steps']['pretrain']} + {r['steps']['finetune']} steps",
+        )
+        for variant, m in r["variants"].items()
+    ]
+
+
 RENDERERS = {
+    "method_ablation": rows_method_ablation,
     "train": rows_train,
     "fetch": rows_fetch,
     "curation_quality": rows_curation_quality,

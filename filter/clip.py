@@ -21,6 +21,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
+import dextra.filter.clip_towers  # noqa: F401 (registers the bundled configs' timm towers)
 from dextra.pipeline.atomic import atomic_path, write_json
 from dextra.pipeline.errors import InputError, ParamsError
 

@@ -20,10 +20,13 @@ class _Section(BaseModel):
 class DemoParams(_Section):
     """Size of the embedded synthetic demo (seed set and synthetic web)."""
 
-    n_seed: int = Field(1500, ge=20, le=1797, description="seed images drawn from scikit-learn's 1,797 digits")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    n_web: int = Field(3000, ge=50, le=100_000, description="synthetic web URLs")
+    n_seed: int = Field(500, ge=20, le=1797, description="seed images drawn from scikit-learn's 1,797 digits")
+    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    n_web: int = Field(9000, ge=50, le=100_000, description="synthetic web URLs")
     image_size: int = Field(32, ge=16, le=256, description="seed image side in pixels")
+    n_corpus: int = Field(
+        5000, ge=0, le=100_000, description="captioned images the demo CLIP pretrains on (data/seed/corpus.parquet)"
+    )
 
 
 def parse_address_rule(text: str) -> tuple[IPv4Network | IPv6Network, int | None]:
@@ -102,10 +105,10 @@ class ClipParams(_Section):
     model: str = Field(description="open_clip model name (e.g. ViT-B-32) or a bundled config name")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint path")
     train_epochs: int = Field(
-        90, ge=0, le=10_000, description="contrastive epochs on seed train pairs; 0 keeps the loaded weights"
+        20, ge=0, le=10_000, description="contrastive epochs on seed train pairs; 0 keeps the loaded weights"
     )
     batch_size: int = Field(128, ge=2, le=65_536)
-    lr: float = Field(0.003, gt=0, le=1.0)
+    lr: float = Field(0.0003, gt=0, le=1.0)
     weight_decay: float = Field(0.1, ge=0, le=10.0)
     holdout_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of seed train held out to pick the best epoch (early stopping)"
@@ -120,13 +123,27 @@ class ClipParams(_Section):
         ),
     )
     class_loss_weight: float = Field(
-        8.0,
+        1.0,
         ge=0,
         le=100,
         description=(
             "weight of a cross-entropy on the seed classes (linear head on the image embedding) added to the "
             "contrastive loss; 0, or a seed without classes: plain CLIP"
         ),
+    )
+
+    corpus_epochs: int = Field(
+        12,
+        ge=0,
+        le=10_000,
+        description=(
+            "contrastive epochs on data/seed/corpus.parquet before seed train (the demo's stand-in for web-scale "
+            "pretraining; other importers write an empty corpus, which is skipped)"
+        ),
+    )
+    corpus_lr: float = Field(0.003, gt=0, le=1.0, description="peak learning rate on the corpus")
+    corpus_class_loss_weight: float = Field(
+        4.0, ge=0, le=100, description="class_loss_weight on the corpus (its classes are the seed's)"
     )
 
 
@@ -200,6 +217,13 @@ class UNetParams(_Section):
     block_out_channels: list[int] = Field([16, 32, 32], min_length=1, max_length=6)
     layers_per_block: int = Field(1, ge=1, le=8)
     attention_head_dim: int = Field(32, ge=1, le=256, description="channels per attention head")
+    text_injection: Literal["cross_attention", "affine"] = Field(
+        "cross_attention",
+        description=(
+            "cross_attention: blocks below full resolution attend to the condition tokens; affine: the condition "
+            "joins the timestep embedding, which scales and shifts every ResNet block (no attention)"
+        ),
+    )
 
 
 class DiTParams(_Section):
@@ -215,7 +239,7 @@ class DiTParams(_Section):
 class TrainParams(_Section):
     """Shared by pretrain and finetune (finetune takes backbone, conditioning and VAE from the pretrained model)."""
 
-    resolution: int = Field(32, ge=8, le=1024, description="training image side in pixels (before the VAE, if any)")
+    resolution: int = Field(16, ge=8, le=1024, description="training image side in pixels (before the VAE, if any)")
     batch_size: int = Field(32, ge=1, le=65_536, description="images per process per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     backbone: Literal["unet", "dit"] = "unet"
@@ -243,11 +267,11 @@ class TrainParams(_Section):
     )
     compile: bool = Field(False, description="torch.compile the denoiser")
     deterministic: bool = Field(False, description="deterministic kernels (torch.use_deterministic_algorithms)")
-    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints in checkpoints/<phase>/")
+    checkpoint_every: int = Field(250, ge=1, description="optimizer steps between checkpoints in checkpoints/<phase>/")
     checkpoints_kept: int = Field(2, ge=1, le=1000)
     grid_samples: int = Field(8, ge=0, le=64, description="samples in the grid logged at each checkpoint; 0 = none")
     monitor_samples: int = Field(
-        64,
+        32,
         ge=0,
         le=100_000,
         description=(
@@ -281,6 +305,11 @@ class TrainParams(_Section):
             raise ValueError(
                 "train_text_encoder needs conditioning: tokens (pooled and image conditions are precomputed embeddings)"
             )
+        if self.unet.text_injection == "affine" and self.conditioning == "tokens":
+            raise ValueError(
+                "unet.text_injection: affine takes one embedding per image (conditioning: pooled or image), not "
+                "per-token states; use cross_attention with conditioning: tokens"
+            )
         return self
 
 
@@ -305,8 +334,8 @@ class FinetuneParams(PhaseParams):
 class EvaluateParams(_Section):
     num_samples: int = Field(200, ge=2, le=100_000)
     guidance_scale: float = Field(3.0, ge=0, le=100)
-    sampling_steps: int = Field(25, ge=1, le=1000)
-    sampler: Literal["ddim", "dpm_solver"] = "ddim"
+    sampling_steps: int = Field(20, ge=1, le=1000)
+    sampler: Literal["ddim", "dpm_solver"] = "dpm_solver"
     batch_size: int = Field(100, ge=1, le=65_536)
     baseline: bool = Field(
         True, description="also train a seed-only model (the `baseline` stage) and score it beside pretrain→finetune"

@@ -31,7 +31,7 @@ IMAGE_SCHEMA = pa.schema(
         pa.field("sha256", pa.string(), nullable=False),
     ]
 )
-SPLITS = ("train", "test", "extra")
+SPLITS = ("train", "test", "extra", "corpus")  # corpus: captioned images the CLIP pretrains on (the demo's)
 
 # Columns curate adds to the extra rows it keeps (docs/architecture.md, "Shard schema").
 CURATED_FIELDS = [

@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from dextra.pipeline.demo import draw
+from dextra.pipeline.demo.seed import seed_order
 from dextra.pipeline.demo.web import KINDS
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import merged
@@ -82,7 +83,8 @@ def test_the_demo_is_the_same_in_any_folder(tmp_path):
 def test_splits_are_disjoint_stratified_and_follow_the_schema(demo_run):
     paths, summary = demo_run
     train, test = (read_table(paths.seed_split(s)).to_pandas() for s in ("train", "test"))
-    assert (summary["train"], summary["test"]) == (len(train), len(test)) == (48, 12)
+    n_test = round(60 * small_params().demo.test_fraction)  # 18 at the demo's 0.3
+    assert (summary["train"], summary["test"]) == (len(train), len(test)) == (60 - n_test, n_test)
     assert set(train.id).isdisjoint(test.id)
     assert sorted([*train.id, *test.id]) == [f"demo-{i:05d}" for i in range(60)]
     assert set(train.split) == {"train"} and set(test.split) == {"test"}
@@ -308,3 +310,19 @@ def test_bench_reads_the_pipeline_files_and_explains_what_is_missing(demo_run, t
     assert result["kept"]["precision"] == 1.0 and result["kept"]["recall"] == 1.0
     assert result["extrapolation"]["both_accuracy"] == 1.0 and result["leak"]["recall"] == 1.0
     assert "kept precision" in capsys.readouterr().out
+
+
+def test_the_clip_corpus_is_captioned_and_shares_no_digit_sample_with_seed_or_web(demo_run):
+    paths, summary = demo_run
+    corpus = read_table(paths.seed_split("corpus")).to_pandas()
+    assert summary["corpus"] == len(corpus) == small_params().demo.n_corpus
+    assert set(corpus.split) == {"corpus"} and corpus.id.is_unique
+    for row in corpus.to_dict("records"):
+        assert {draw.parse_caption(c)[0] for c in row["captions"]} == {row["class"]}
+        assert Image.open(io.BytesIO(row["image"])).size == (32, 32)
+    seed_samples, web_samples, corpus_samples = seed_order(small_params())
+    assert set(seed_samples).isdisjoint(web_samples) and set(web_samples).isdisjoint(corpus_samples)
+    assert set(seed_samples).isdisjoint(corpus_samples) and len(corpus_samples) > 100
+    truth = pd.read_parquet(paths.demo_web / "truth.parquet")
+    drawn = {int(s.split(":")[1]) for s in truth["style"] if s.startswith("digits:")}
+    assert drawn and drawn <= set(web_samples)

@@ -340,7 +340,7 @@ def test_coco_train2014_is_train_val2014_is_test(coco):
     assert sorted(got) == sorted(
         [f"coco-COCO_train2014_{i:012d}" for i in (9, 25, 30)] + [f"coco-COCO_val2014_{i:012d}" for i in (42, 73)]
     )
-    assert summary == {"importer": "coco", "train": 3, "test": 2, "classes": 0, "uncaptioned": 1}
+    assert summary == {"importer": "coco", "train": 3, "test": 2, "corpus": 0, "classes": 0, "uncaptioned": 1}
     row = got["coco-COCO_val2014_000000000042"]
     assert row["split"] == "test" and row["class"] is None
     assert row["captions"] == ["A photo of thing 42, number 0", "A photo of thing 42, number 1"]

@@ -124,9 +124,11 @@ def test_finetune_starts_from_pretrain_ema(chain, tmp_path):
     assert any(not torch.allclose(pretrained[k], fresh[k]) for k in pretrained)
 
 
-@pytest.mark.parametrize("backbone", ["unet", "dit"])
-def test_guidance_endpoints(backbone):
-    params = make_params(train=dict(backbone=backbone))
+@pytest.mark.parametrize(
+    "train", [dict(backbone="unet"), dict(backbone="unet", unet=dict(text_injection="affine")), dict(backbone="dit")]
+)
+def test_guidance_endpoints(train):
+    params = make_params(train=train)
     torch.manual_seed(0)
     model = build_denoiser(params.train, ConditionProjector(DIM, 32, 2)).eval()
     x, condition = torch.randn(3, 3, 16, 16), torch.from_numpy(unit(np.random.default_rng(0), 3))
@@ -329,6 +331,24 @@ def test_dit_backbone_trains_and_samples(tmp_path):
     )
     scheduler = DDIMScheduler.from_pretrained(paths.model("pretrain") / "scheduler")
     images = sample(model.eval(), scheduler, torch.zeros(2, DIM), 2, 3.0, torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_affine_text_injection_trains_loads_and_follows_the_text(tmp_path):
+    """train.unet.text_injection: affine has no attention block: the condition reaches the output only through the
+    timestep embedding's scale and shift, and still decides it."""
+    paths = Paths(tmp_path)
+    write_curated(paths)
+    pretrain.run(make_params(train=dict(unet=dict(text_injection="affine")), pretrain=dict(steps=3)), paths)
+    model = Denoiser.load(paths.model("pretrain")).eval()
+    assert model.backbone.config.class_embed_type == "projection"
+    assert not any("attn2" in name for name, _ in model.named_modules())  # no cross-attention anywhere
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor(500)
+    conditions = torch.from_numpy(unit(np.random.default_rng(1), 2))
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, conditions[:1].expand(2, -1)), model(x, t, conditions[1:].expand(2, -1)))
+    scheduler = DDIMScheduler.from_pretrained(paths.model("pretrain") / "scheduler")
+    images = sample(model, scheduler, conditions, 2, 3.0, torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
@@ -576,6 +596,7 @@ def test_precision_is_fp32_on_cpu_and_bf16_can_be_asked_for(tmp_path):
         (dict(checkpoint_every=0), "train.checkpoint_every"),
         (dict(dit=dict(patch_size=0)), "train.dit.patch_size"),
         (dict(monitor_samples=1), "train.monitor_samples"),
+        (dict(conditioning="tokens", unet=dict(text_injection="affine")), "unet.text_injection"),
     ],
 )
 def test_bad_params_name_the_field(train, field):

@@ -127,6 +127,8 @@ class Denoiser(nn.Module):
         tokens = self.condition(condition, null)
         timesteps = torch.as_tensor(timesteps, device=sample.device).reshape(-1).expand(len(sample))
         if isinstance(self.backbone, UNet2DConditionModel):
+            if self.backbone.config.class_embed_type == "projection":  # train.unet.text_injection: affine
+                return self.backbone(sample, timesteps, None, class_labels=tokens.flatten(1)).sample
             return self.backbone(sample, timesteps, encoder_hidden_states=tokens).sample
         return self.backbone(sample, encoder_hidden_states=tokens, timestep=timesteps).sample
 
@@ -220,22 +222,36 @@ def build_denoiser(
                 f"train.resolution: {size} (after the VAE, if any) must be divisible by 2^{len(blocks) - 1} "
                 f"for {len(blocks)} train.unet.block_out_channels"
             )
-        # Attention only below full resolution, where it is cheap.
-        cross = len(blocks) - 1 if len(blocks) > 1 else 1
-        down = ["DownBlock2D"] * (len(blocks) - cross) + ["CrossAttnDownBlock2D"] * cross
-        backbone = UNet2DConditionModel(
+        common = dict(
             sample_size=size,
             in_channels=channels,
             out_channels=channels,
             block_out_channels=blocks,
             layers_per_block=cfg.unet.layers_per_block,
-            down_block_types=down,
-            up_block_types=[name.replace("Down", "Up") for name in reversed(down)],
             cross_attention_dim=cfg.cross_attention_dim,
             # diffusers reads `attention_head_dim` as the number of heads (its documented naming slip), so pass heads.
             attention_head_dim=tuple(max(1, c // cfg.unet.attention_head_dim) for c in blocks),
             norm_num_groups=math.gcd(32, *blocks),
         )
+        if cfg.unet.text_injection == "affine":
+            # The condition joins the timestep embedding, which scales and shifts every ResNet block's normalised
+            # features (adaptive GroupNorm): the affine text injection of RAT-GAN and ADM's class conditioning.
+            backbone = UNet2DConditionModel(
+                **common,
+                down_block_types=["DownBlock2D"] * len(blocks),
+                up_block_types=["UpBlock2D"] * len(blocks),
+                mid_block_type="UNetMidBlock2D",
+                class_embed_type="projection",
+                projection_class_embeddings_input_dim=condition.config.tokens * cfg.cross_attention_dim,
+                resnet_time_scale_shift="scale_shift",
+            )
+        else:
+            # Attention only below full resolution, where it is cheap.
+            cross = len(blocks) - 1 if len(blocks) > 1 else 1
+            down = ["DownBlock2D"] * (len(blocks) - cross) + ["CrossAttnDownBlock2D"] * cross
+            backbone = UNet2DConditionModel(
+                **common, down_block_types=down, up_block_types=[name.replace("Down", "Up") for name in reversed(down)]
+            )
     else:
         dit = cfg.dit
         if size % dit.patch_size:

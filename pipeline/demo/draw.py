@@ -39,6 +39,8 @@ ADJECTIVE = {
     "dotted": "dotted",
     "checkered": "checkered",
     "gradient": "fading",
+    "diagonal": "diagonally striped",
+    "noisy": "noisy",
 }
 NOUN = {
     "plain": "plain {bg}",
@@ -59,6 +61,21 @@ DIGIT_TOKENS = {**{str(d): str(d) for d in range(10)}, **{w: str(d) for d, w in 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 LETTERS = "ACEFHKMNPRTUVWXY"
 WORDS = ("sale", "cat", "hello", "new", "WOW", "tree", "map", "OK")
+
+
+def captions(rng: np.random.Generator, digit: str, fg: str, bg: str, texture: str) -> list[str]:
+    """Two or three of the CAPTIONS templates, each naming the digit, its colour and the background."""
+    words = {
+        "fg": fg,
+        "bg": bg,
+        "digit": digit,
+        "word": DIGIT_WORDS[int(digit)],
+        "adjective": ADJECTIVE[texture],
+        "article": "an" if fg[0] in "aeiou" else "a",
+        "noun": NOUN[texture].format(bg=bg),
+    }
+    chosen = sorted(rng.choice(len(CAPTIONS), size=int(rng.integers(2, 4)), replace=False))
+    return [CAPTIONS[c].format(**words) for c in chosen]
 
 
 def parse_caption(caption: str) -> tuple[str | None, str | None]:

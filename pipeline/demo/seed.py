@@ -9,12 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from dextra.pipeline.demo.draw import (
-    ADJECTIVE,
-    CAPTIONS,
     COLOR_PAIRS,
-    DIGIT_WORDS,
-    NOUN,
     SEED_TEXTURES,
+    captions,
     compose,
     digit_mask,
     draw_texture,
@@ -43,10 +40,12 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return data.images, data.target
 
 
-def seed_order(params: Params) -> tuple[np.ndarray, list[int]]:
-    """Which load_digits samples the seed uses, and the rest (the web draws some of its digits from those)."""
+def seed_order(params: Params) -> tuple[np.ndarray, list[int], list[int]]:
+    """Which load_digits samples the seed uses, and how the rest is shared: half for the web's handwritten digits,
+    half for the CLIP corpus, so that the corpus shows neither a seed nor a web image."""
     order = np.random.default_rng([params.seed, 0]).permutation(len(digits()[1]))
-    return order[: params.demo.n_seed], sorted(order[params.demo.n_seed :].tolist())
+    rest = order[params.demo.n_seed :]
+    return order[: params.demo.n_seed], sorted(rest[::2].tolist()), sorted(rest[1::2].tolist())
 
 
 def seed_images(params: Params) -> list[SeedImage]:
@@ -60,16 +59,6 @@ def seed_images(params: Params) -> list[SeedImage]:
         mask = digit_mask(images[index], size)
         pixels = compose(mask, fg, draw_texture(texture, bg, size, size, rng))
         digit = str(target[index])
-        words = {
-            "fg": fg,
-            "bg": bg,
-            "digit": digit,
-            "word": DIGIT_WORDS[int(digit)],
-            "adjective": ADJECTIVE[texture],
-            "article": "an" if fg[0] in "aeiou" else "a",
-        }
-        words["noun"] = NOUN[texture].format(bg=bg)
-        chosen = sorted(rng.choice(len(CAPTIONS), size=int(rng.integers(2, 4)), replace=False))
-        captions = [CAPTIONS[c].format(**words) for c in chosen]
-        result.append(SeedImage(f"demo-{i:05d}", digit, fg, bg, texture, captions, pixels, encode(pixels, "png")))
+        texts = captions(rng, digit, fg, bg, texture)
+        result.append(SeedImage(f"demo-{i:05d}", digit, fg, bg, texture, texts, pixels, encode(pixels, "png")))
     return result

@@ -15,6 +15,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from dextra.pipeline.atomic import atomic_path
+from dextra.pipeline.demo.corpus import corpus_rows
 from dextra.pipeline.demo.seed import seed_images
 from dextra.pipeline.demo.web import write_web
 from dextra.pipeline.errors import InputError
@@ -50,7 +51,7 @@ def _import_demo(params: Params, paths: Paths, out: Path) -> tuple[list[dict], d
     test_ids = {key for key, value in split.items() if value == "test"}
     web = out / paths.demo_web.relative_to(paths.seed)
     kinds = write_web(params, images, test_ids, web)
-    return rows, {"web_urls": sum(kinds.values()), "web_kinds": kinds}
+    return rows + corpus_rows(params), {"web_urls": sum(kinds.values()), "web_kinds": kinds}
 
 
 def _import_dataset(manifest: Manifest, params: Params, paths: Paths) -> tuple[list[dict], dict]:
@@ -75,7 +76,7 @@ def run(params: Params, paths: Paths) -> dict:
         else:
             rows, summary = _import_dataset(manifest, params, paths)
         counts = {}
-        for split in ("train", "test"):
+        for split in ("train", "test", "corpus"):
             chosen = [r for r in rows if r["split"] == split]
             write_table(_table(chosen), tmp / paths.seed_split(split).relative_to(paths.seed))
             counts[split] = len(chosen)
