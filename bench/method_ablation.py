@@ -1,7 +1,7 @@
 """The paper's comparison on a finished demo: the same model at equal total steps, with several training seeds each,
 pretrained on five kinds of extra data and fine-tuned on seed train (or trained on seed train alone).
 
-    python bench/method_ablation.py [--root .] [--seeds 3] [--small]
+    python bench/method_ablation.py [--root .] [--seeds 3] [--variants NAME ...] [--small]
 
 Variants:
 - seed_only: the `baseline` stage, pretrain.steps + finetune.steps on seed train alone;
@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per variant")
     parser.add_argument("--small", action="store_true", help="CI's size (2 seeds, a few steps); bench/results/small/")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="a subset (curated_extrapolated always)"
+    )
     args = parser.parse_args(argv)
     root = Paths(Path(args.root).resolve())
     if not shard_files(root.curated_shards) or not root.clip.is_dir():
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        for variant in VARIANTS:
+        for variant in [v for v in VARIANTS if v in {*args.variants, "curated_extrapolated"}]:
             extra = extra_set(variant, root, scratch, params)
             runs = []
             for k in range(seeds):
