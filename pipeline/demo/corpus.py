@@ -32,11 +32,11 @@ STYLES = ("seed", "handwriting", "font")
 def corpus_rows(params: Params) -> list[dict]:
     """params.demo.n_corpus shard rows (split "corpus", class = the digit), a third in each style, from load_digits
     samples that neither the seed nor the web uses."""
-    rows = []
+    rows, pool = [], seed_order(params)[2]
     for i in range(params.demo.n_corpus):
         rng = np.random.default_rng([params.seed, CORPUS_PURPOSE, i])
         style = STYLES[i % len(STYLES)]
-        digit, fg, bg, texture, pixels = draw_styled(rng, style, seed_order(params)[2], params.demo.image_size)
+        digit, fg, bg, texture, pixels = draw_styled(rng, style, pool, params.demo.image_size)
         texts = captions(rng, digit, fg, bg, texture)
         rows.append(
             shard_row(f"corpus-{i:05d}", encode(pixels, "png"), pixels.shape[1::-1], texts, "corpus", digit, "demo")

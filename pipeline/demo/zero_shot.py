@@ -24,15 +24,10 @@ def zero_shot_digits(bundle: ClipBundle, params: Params) -> dict[str, float]:
     for digit in range(10):
         texts = bundle.encode_texts([f"the number {digit}, {fg} on plain {bg}" for fg, bg in COLOR_PAIRS]).mean(0)
         prompts.append(texts / np.linalg.norm(texts))
-    out = {}
+    out, pool = {}, seed_order(params)[1]
     for style in STYLES[1:]:
         drawn = [
-            draw_styled(
-                np.random.default_rng([params.seed, ZERO_SHOT_PURPOSE, i]),
-                style,
-                seed_order(params)[1],
-                params.demo.image_size,
-            )
+            draw_styled(np.random.default_rng([params.seed, ZERO_SHOT_PURPOSE, i]), style, pool, params.demo.image_size)
             for i in range(ZERO_SHOT_IMAGES)
         ]
         pixels = torch.from_numpy(np.stack([d[4] for d in drawn])).permute(0, 3, 1, 2).float() / 255
