@@ -61,6 +61,11 @@ STAGES: dict[str, tuple[str, str]] = {
         "With evaluate.baseline: train the same model from scratch on the seed train set alone, for as many steps as "
         "pretrain and finetune together; weights in models/baseline/. Without it, only leave a note.",
     ),
+    "export": (
+        "dextra.pipeline.stages.export",
+        "Write the curated extra set, and the seed splits with export.include_seed, as webdataset tar shards "
+        "(data/export/webdataset/) and a Hugging Face datasets.DatasetDict (data/export/hf/), for other trainers.",
+    ),
     "evaluate": (
         "dextra.pipeline.stages.evaluate",
         "Sample images for seed test captions and write CLIP-FD (and FID with evaluate.inception_weights), CLIP "

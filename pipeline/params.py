@@ -213,6 +213,19 @@ class ReportParams(_Section):
     gallery_size: int = Field(24, ge=0, le=1000)
 
 
+class ExportParams(_Section):
+    """`dextra export`: the curated extra set in the formats other trainers read."""
+
+    formats: list[Literal["webdataset", "hf"]] = Field(
+        ["webdataset", "hf"],
+        min_length=1,
+        description="webdataset: tar shards of jpg/txt/json as img2dataset writes them; hf: a datasets.DatasetDict "
+        "saved with save_to_disk",
+    )
+    include_seed: bool = Field(True, description="also export the seed train and test splits")
+    samples_per_shard: int = Field(10_000, ge=1, le=1_000_000, description="images per webdataset tar")
+
+
 class UNetParams(_Section):
     block_out_channels: list[int] = Field([16, 32, 32], min_length=1, max_length=6)
     layers_per_block: int = Field(1, ge=1, le=8)
@@ -355,6 +368,7 @@ class Params(_Section):
     embed: EmbedParams = EmbedParams()
     curate: CurateParams = CurateParams()
     report: ReportParams = ReportParams()
+    export: ExportParams = ExportParams()
     train: TrainParams = TrainParams()
     pretrain: PretrainParams
     finetune: FinetuneParams

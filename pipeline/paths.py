@@ -109,6 +109,10 @@ class Paths:
     def report_page(self) -> Path:
         return self.report / "index.html"
 
+    def export(self, fmt: str) -> Path:
+        """data/export/<format>/: the curated set (and seed splits) written for other trainers."""
+        return self.root / "data" / "export" / fmt
+
     def model(self, phase: str) -> Path:
         """models/pretrain, models/finetune or models/baseline."""
         return self.root / "models" / phase

@@ -45,8 +45,11 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
 
     first = stages_run(dvc(tmp_path, "repro"))
     assert sorted(first) == sorted(
-        ["seed", "urls", "fetch", "clip", "embed", "curate", "report", "pretrain", "finetune", "baseline", "evaluate"]
-    )
+        [
+            "seed", "urls", "fetch", "clip", "embed", "curate", "report", "export",
+            "pretrain", "finetune", "baseline", "evaluate",
+        ]
+    )  # fmt: skip
     assert first[-1] == "evaluate" and first.index("finetune") > first.index("pretrain")
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert {"clip_fd", "clip_score", "gt_clip_score", "seed_only", "difference"} <= metrics.keys()
@@ -56,6 +59,7 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
     decisions = pq.read_table(tmp_path / "data" / "curated" / "decisions.parquet")
     assert decisions.num_rows == 200  # one row per crawled URL
     assert (tmp_path / "data" / "report" / "index.html").stat().st_size > 1000
+    assert (tmp_path / "data" / "export" / "hf" / "dataset_dict.json").exists()
     if have_browser():  # the pipeline's own report, as a person opens it
         check_in_browser(
             Paths(tmp_path), tmp_path / "browser", gallery_size=params_dict(**SMALL)["report"]["gallery_size"]
@@ -104,7 +108,7 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
     # DVC's experiments: a curate param re-runs curate and what follows it, never what comes before or the baseline.
     tried = stages_run(dvc(tmp_path, "exp", "run", "-S", "curate.k_neighbors=2"))
     assert tried[0] == "curate" and not {"seed", "urls", "fetch", "clip", "embed", "baseline"} & set(tried)
-    assert {"report", "pretrain"} <= set(tried)
+    assert {"report", "export", "pretrain"} <= set(tried)
     table = dvc(tmp_path, "exp", "show", "--md")
     assert "curate.k_neighbors" in table and "clip_fd" in table
     assert "clip_fd" in dvc(tmp_path, "metrics", "diff", "--all")
