@@ -4,11 +4,12 @@ so a person can check the thresholds before spending GPU days on the result."""
 from __future__ import annotations
 
 import base64
-import html
 import io
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -20,20 +21,12 @@ from PIL import Image  # noqa: E402
 from dextra.pipeline.shards import DECISION_OUTCOMES  # noqa: E402
 
 THUMB = 96
-STYLE = (
-    """
-body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222;line-height:1.35}
-nav a{margin-right:1em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right;vertical-align:top}
-th:first-child,td:first-child{text-align:left}td.why,th.why{text-align:left}td.why{color:#555}
-.plots{display:flex;flex-wrap:wrap;gap:.5em}.plots img{max-width:100%}
-"""
-    f""".gallery{{display:flex;flex-wrap:wrap;gap:.6em}}.card{{width:{THUMB}px;font-size:11px;overflow-wrap:anywhere}}
-.card img{{width:{THUMB}px;height:{THUMB}px;object-fit:contain;background:#eee;image-rendering:pixelated}}
-"""
-    """.pair{display:flex;gap:.3em;padding:.3em;border:1px solid #e3c0c0;border-radius:4px}.kept td{text-align:left}
-"""
-)
+PAGE = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=True,  # captions, alt text and queries come from the web
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+).get_template("report.html.j2")
 # What each outcome means, for the table (curate applies the drops in this order; the first one that fits is shown).
 OUTCOME_MEANING = {
     "kept": "joins the extra set, with an extrapolated text embedding",
@@ -74,14 +67,9 @@ def _png_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _card(image_bytes: bytes | None, lines: list[str]) -> str:
-    text = "<br>".join(html.escape(line) for line in lines)
-    image = (
-        f'<img src="{data_uri(image_bytes)}" title="{html.escape(" | ".join(lines))}">'
-        if image_bytes
-        else "<div>(no image)</div>"
-    )
-    return f'<div class="card">{image}<div>{text}</div></div>'
+def _card(image_bytes: bytes | None, lines: list[str]) -> dict:
+    """A thumbnail with its text lines (the template's card macro)."""
+    return {"uri": data_uri(image_bytes) if image_bytes else None, "lines": lines}
 
 
 def _score_lines(row: dict) -> list[str]:
@@ -125,27 +113,16 @@ def render(
     n = gallery_size
 
     counts = {c["values"]: c["counts"] for c in pc.value_counts(decisions.column("outcome")).to_pylist()}
-    parts = [
-        f"<h1>Curation report: {html.escape(inputs.dataset)}</h1>",
-        "<nav><a href='#outcomes'>outcomes</a><a href='#scores'>scores</a><a href='#galleries'>galleries</a>"
-        "<a href='#leaks'>leaks</a><a href='#extrapolated'>extrapolated text</a></nav>",
-        f"<p>{len(rows)} crawled URLs; {counts.get('kept', 0)} kept. "
-        "Thumbnails show their scores below and on hover.</p>",
-        f"<p id='unlisted'>{summary.get('unlisted', 0)} fetched URLs are in no list now: they are left out, and "
-        "their images stay on disk for when a list names them again (<code>dextra prune</code> deletes them).</p>",
-        "<h2 id='outcomes'>Outcomes</h2><table id='outcome-table'>"
-        "<tr><th>outcome</th><th>URLs</th><th>share</th><th class='why'>meaning</th></tr>",
+    outcomes = [
+        {
+            "name": outcome,
+            "count": counts.get(outcome, 0),
+            "share": f"{counts.get(outcome, 0) / max(1, len(rows)):.1%}",
+            "meaning": OUTCOME_MEANING[outcome],
+        }
+        for outcome in DECISION_OUTCOMES
     ]
-    for outcome in DECISION_OUTCOMES:
-        count = counts.get(outcome, 0)
-        parts.append(
-            f"<tr data-outcome='{outcome}'><td>{outcome}</td><td class='count'>{count}</td>"
-            f"<td>{count / max(1, len(rows)):.1%}</td>"
-            f"<td class='why'>{OUTCOME_MEANING[outcome]}</td></tr>"
-        )
-    parts.append("</table>")
 
-    parts.append("<h2 id='scores'>Scores</h2><div class='plots'>")
     histograms = {}
     thresholds = summary["thresholds"]
     for key, threshold, title in (
@@ -165,49 +142,49 @@ def render(
         values = [r[key] for r in rows if r[key] is not None]
         if values:
             histograms[key] = histogram(values, threshold, title)
-            parts.append(f'<img alt="{key} histogram" src="{_png_uri(histograms[key])}">')
-    parts.append("</div>")
 
-    parts.append("<h2 id='galleries'>Galleries</h2>")
+    galleries = []
     for outcome in (o for o in DECISION_OUTCOMES if o in counts):
         group = [r for r in rows if r["outcome"] == outcome]
         sample = rng.sample(group, min(n, len(group)))
-        parts.append(
-            f"<h3>{html.escape(outcome)} ({len(group)}; {len(sample)} shown)</h3>"
-            f"<div class='gallery' data-outcome='{outcome}'>"
+        galleries.append(
+            {
+                "outcome": outcome,
+                "total": len(group),
+                "cards": [_card(images.get(r["url_id"]), _score_lines(r)) for r in sample],
+            }
         )
-        parts.extend(_card(images.get(r["url_id"]), _score_lines(r)) for r in sample)
-        parts.append("</div>")
 
     leaks = [r for r in rows if r["outcome"] == "leak"]
-    parts.append(
-        f"<h2 id='leaks'>Leaks of seed test images ({len(leaks)}; {min(n, len(leaks))} shown)</h2><div class='gallery'>"
-    )
-    for r in leaks[:n]:
-        crawled = _card(images.get(r["url_id"]), ["crawled", r["url_id"], f"pHash bits {r['leak_hash_distance']}"])
-        parts.append(
-            f"<div class='pair' data-leak-of='{html.escape(r['leak_of'])}'>{crawled}"
-            f"{_card(test_images.get(r['leak_of']), ['seed test', r['leak_of']])}</div>"
-        )
-    parts.append("</div>")
-
-    curated = inputs.curated
-    parts.append(
-        "<h2 id='extrapolated'>Extrapolated text of sample kept images</h2>"
-        "<p>Each kept image trains with a weighted mix of its nearest seed images' caption embeddings.</p>"
-        "<table class='kept'><tr><th>image</th><th>query</th><th>nearest seed captions (weight)</th></tr>"
-    )
-    for r in rng.sample(curated, min(n, len(curated))):
-        neighbours = "<br>".join(
-            f"{html.escape(c)} ({w:+.2f})" for c, w in zip(r["neighbor_captions"], r["neighbor_weights"])
-        )
-        parts.append(
-            f"<tr><td><img src='{data_uri(r['image'], 64)}'></td><td>{html.escape(r['query'] or '')}</td>"
-            f"<td>{neighbours}</td></tr>"
-        )
-    parts.append("</table>")
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>dextra curation report</title>"
-        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    leak_pairs = [
+        {
+            "leak_of": r["leak_of"],
+            "crawled": _card(
+                images.get(r["url_id"]), ["crawled", r["url_id"], f"pHash bits {r['leak_hash_distance']}"]
+            ),
+            "test": _card(test_images.get(r["leak_of"]), ["seed test", r["leak_of"]]),
+        }
+        for r in leaks[:n]
+    ]
+    extrapolated = [
+        {
+            "uri": data_uri(r["image"], 64),
+            "query": r["query"] or "",
+            "neighbours": [f"{c} ({w:+.2f})" for c, w in zip(r["neighbor_captions"], r["neighbor_weights"])],
+        }
+        for r in rng.sample(inputs.curated, min(n, len(inputs.curated)))
+    ]
+    page = PAGE.render(
+        thumb=THUMB,
+        dataset=inputs.dataset,
+        total=len(rows),
+        kept=counts.get("kept", 0),
+        unlisted=summary.get("unlisted", 0),
+        outcomes=outcomes,
+        plots=[(key, _png_uri(png)) for key, png in histograms.items()],
+        galleries=galleries,
+        leak_total=len(leaks),
+        leaks=leak_pairs,
+        extrapolated=extrapolated,
     )
     return page, histograms

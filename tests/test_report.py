@@ -60,3 +60,30 @@ def test_report_in_headless_chromium(curated_project, tmp_path):
     check_in_browser(paths, tmp_path, params.report.gallery_size)
     page = (paths.report / "index.html").read_text()
     assert page.count("class='pair'") == 1 and "data-leak-of='t2'" in page
+
+
+def test_text_from_the_web_is_escaped_in_the_page(curated_project):
+    """Queries, alt text and captions come from the web: the template autoescapes them."""
+    import json
+
+    import pyarrow as pa
+
+    from dextra.filter.report import ReportInputs, render
+    from dextra.pipeline.shards import DECISION_SCHEMA, read_table
+
+    paths, _ = curated_project
+    decisions = read_table(paths.decisions, DECISION_SCHEMA)
+    hostile = "<script>alert('x')</script>"
+    column = decisions.schema.get_field_index("query")
+    decisions = decisions.set_column(column, "query", pa.array([hostile] * len(decisions), pa.string()))
+    inputs = ReportInputs(
+        dataset="<b>demo</b>",
+        decisions=decisions,
+        summary=json.loads(paths.curate_summary.read_text()),
+        crawl_images={},
+        test_images={},
+        curated=[],
+    )
+    page, _ = render(inputs, 4, 0.3, 0)
+    assert "<script>" not in page and "<b>demo</b>" not in page
+    assert "&lt;script&gt;" in page and "(no image)" in page
