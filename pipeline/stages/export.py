@@ -82,16 +82,10 @@ def write_webdataset(splits: dict[str, list[pa.Table]], folder: Path, samples_pe
 
 
 def hf_features() -> datasets.Features:
-    """The curated schema as datasets features: the image as an Image feature, lists as lists."""
-
-    def feature(arrow_type: pa.DataType):
-        if pa.types.is_list(arrow_type):
-            return datasets.List(feature(arrow_type.value_type))
-        return datasets.Value(str(arrow_type) if str(arrow_type) != "halffloat" else "float16")
-
-    return datasets.Features(
-        {f.name: datasets.Image() if f.name == "image" else feature(f.type) for f in CURATED_SCHEMA}
-    )
+    """The curated schema as datasets features, the image as an Image feature (which keeps the stored bytes)."""
+    features = datasets.Features.from_arrow_schema(CURATED_SCHEMA)
+    features["image"] = datasets.Image()
+    return features
 
 
 def write_hf(splits: dict[str, list[pa.Table]], folder: Path) -> dict[str, int]:
