@@ -12,6 +12,9 @@ Rules (pipeline/demo.py writes the truth):
 - Extrapolation accuracy, over kept curated rows whose image is an in-domain digit: the neighbour captions
   vote with their weights (neighbor_captions[i] belongs to neighbor_weights[i]) for the digit and the
   foreground colour they name (demo.parse_caption); the vote's winner is compared with the truth.
+- Condition accuracy, over the same rows: what the generator is trained on is the extrapolated text feature itself,
+  not the vote, so each row's feature is read back as the seed train caption whose embedding is nearest to it,
+  and that caption's digit, foreground and background colour are compared with the truth.
 - Leak recall: the share of leak URLs (near-duplicates of seed test images) not kept, whatever the reason.
 Writes bench/results/curation_quality.json under --root.
 """
@@ -23,10 +26,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dextra.pipeline.atomic import write_json
-from dextra.pipeline.demo.draw import parse_caption
+from dextra.pipeline.demo.draw import parse_caption, parse_colors
 from dextra.pipeline.demo.web import KINDS
 from dextra.pipeline.errors import DextraError, InputError
 from dextra.pipeline.paths import Paths
@@ -34,16 +38,18 @@ from dextra.pipeline.shards import (
     DECISION_OUTCOMES,
     DECISION_SCHEMA,
     IMAGE_SCHEMA,
+    read_embeddings,
     read_table,
     read_tables,
     shard_files,
 )
 
-CURATED_COLUMNS = ["url", "neighbor_captions", "neighbor_weights"]
+CURATED_COLUMNS = ["url", "neighbor_captions", "neighbor_weights", "text_embedding"]
 
 
-def load(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """truth, decisions (url, outcome) and curated rows (url, neighbour captions and weights)."""
+def load(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, tuple[list[str], np.ndarray]]:
+    """truth, decisions (url, outcome), curated rows (url, neighbour captions and weights, text feature) and the seed
+    train captions with their embeddings."""
     paths = Paths(root)
     truth_path = paths.demo_web / "truth.parquet"
     if not truth_path.is_file():
@@ -64,7 +70,11 @@ def load(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     prefix = paths.demo_web.resolve().as_uri() + "/"
     for frame in (decisions, curated):
         frame["url"] = frame["url"].str.removeprefix(prefix)
-    return pd.read_parquet(truth_path), decisions, curated
+    caption_file = paths.embedding_file("seed_captions", "train")
+    if not caption_file.is_file():
+        raise InputError(f"{caption_file}: not found; run the pipeline up to embed first (`dvc repro embed`)")
+    info, vectors = read_embeddings([caption_file])
+    return pd.read_parquet(truth_path), decisions, curated, (info.column("caption").to_pylist(), vectors)
 
 
 def _vote(captions, weights, field: int) -> str | None:
@@ -92,7 +102,31 @@ def _keep_scores(kept: pd.Series, root: pd.Series, wanted: pd.Series) -> dict:
     }
 
 
-def score(truth: pd.DataFrame, decisions: pd.DataFrame, curated: pd.DataFrame) -> dict:
+def _condition_scores(rows: pd.DataFrame, seed_captions: tuple[list[str], np.ndarray]) -> dict:
+    """Digit, foreground and background accuracy of the seed caption nearest to each row's text feature."""
+    captions, vectors = seed_captions
+    if not len(rows):
+        return {"digit_accuracy": None, "fg_accuracy": None, "bg_accuracy": None, "all_accuracy": None}
+    features = np.stack(rows["text_embedding"].to_numpy()).astype(np.float32)
+    nearest = [captions[i] for i in (features @ vectors.T).argmax(axis=1)]
+    named = pd.DataFrame(
+        [(parse_caption(c)[0], *parse_colors(c)) for c in nearest], columns=["true_digit", "fg_color", "bg_color"]
+    )
+    right = named.to_numpy() == rows[["true_digit", "fg_color", "bg_color"]].to_numpy()
+    return {
+        "digit_accuracy": float(right[:, 0].mean()),
+        "fg_accuracy": float(right[:, 1].mean()),
+        "bg_accuracy": float(right[:, 2].mean()),
+        "all_accuracy": float(right.all(axis=1).mean()),
+    }
+
+
+def score(
+    truth: pd.DataFrame,
+    decisions: pd.DataFrame,
+    curated: pd.DataFrame,
+    seed_captions: tuple[list[str], np.ndarray],
+) -> dict:
     truth = truth.set_index("url")
     outcome = decisions.drop_duplicates("url", keep="last").set_index("url")["outcome"]
     matched = outcome.index.isin(truth.index)
@@ -109,7 +143,7 @@ def score(truth: pd.DataFrame, decisions: pd.DataFrame, curated: pd.DataFrame) -
     ours, baseline = result["kept"]["precision"], result["baseline_keep_fetched"]["precision"]
     result["precision_vs_baseline"] = ours / baseline if ours is not None and baseline else None
 
-    rows = curated.merge(truth[wanted].reset_index()[["url", "true_digit", "fg_color"]], on="url")
+    rows = curated.merge(truth[wanted].reset_index()[["url", "true_digit", "fg_color", "bg_color"]], on="url")
     digit_ok, color_ok = [], []
     for row in rows.itertuples():
         if len(row.neighbor_captions) != len(row.neighbor_weights):
@@ -126,6 +160,7 @@ def score(truth: pd.DataFrame, decisions: pd.DataFrame, curated: pd.DataFrame) -
         "color_accuracy": _ratio(sum(color_ok), n),
         "both_accuracy": _ratio(sum(d and c for d, c in zip(digit_ok, color_ok)), n),
     }
+    result["condition"] = _condition_scores(rows, seed_captions)
 
     leak = truth["kind"] == "leak"
     result["leak"] = {
@@ -162,6 +197,7 @@ def render(result: dict) -> str:
         "",
     ]
     lines += [f"extrapolation {k}: {_fmt(v)}" for k, v in result["extrapolation"].items()]
+    lines += [f"condition {k}: {_fmt(v)}" for k, v in result["condition"].items()]
     lines += [f"leak {k}: {_fmt(v)}" for k, v in result["leak"].items()]
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 
 def rows_curation_quality(r: dict) -> list[tuple[str, str, str]]:
     kept, base, extra, leak = r["kept"], r["baseline_keep_fetched"], r["extrapolation"], r["leak"]
+    condition = r["condition"]
     return [
         (
             "curation: kept precision",
@@ -27,6 +28,11 @@ def rows_curation_quality(r: dict) -> list[tuple[str, str, str]]:
             "curation: extrapolation class / colour accuracy",
             f"{extra['class_accuracy']:.3f} / {extra['color_accuracy']:.3f}",
             f"over {extra['images']} kept in-domain images",
+        ),
+        (
+            "curation: text feature read as digit / colour / background",
+            f"{condition['digit_accuracy']:.3f} / {condition['fg_accuracy']:.3f} / {condition['bg_accuracy']:.3f}",
+            f"all three {condition['all_accuracy']:.3f}: nearest seed caption to the generator's condition",
         ),
         (
             "curation: leak recall (leaks kept)",

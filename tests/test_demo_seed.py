@@ -21,7 +21,14 @@ from dextra.pipeline.demo.web import KINDS
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import merged
 from dextra.pipeline.paths import Paths
-from dextra.pipeline.shards import CURATED_SCHEMA, DECISION_SCHEMA, URL_SCHEMA, read_table, write_table
+from dextra.pipeline.shards import (
+    CURATED_SCHEMA,
+    DECISION_SCHEMA,
+    URL_SCHEMA,
+    read_table,
+    write_embeddings,
+    write_table,
+)
 from dextra.pipeline.stages import seed
 from dextra.pipeline.stages import urls as urls_stage
 from tests.helpers import REPO, repo_params
@@ -238,6 +245,7 @@ def test_bench_scores_a_known_table():
             "kind": kinds,
             "true_digit": ["3", "4", "7", "3", "7", "5", None, "1", "2", None, None, None, "0"],
             "fg_color": ["red", "blue", "white", "red", "white", "red", None, "red", "red", None, None, None, "black"],
+            "bg_color": ["blue", "white", "black", "blue", "black", "blue", *[None] * 6, "white"],
             "duplicate_of": [None, None, None, "u1", "u3", *[None] * 8],
         }
     )
@@ -258,13 +266,24 @@ def test_bench_scores_a_known_table():
                 ["a red 2 on a plain blue background"],
             ],
             "neighbor_weights": [[0.7, 0.3], [0.6, 0.5, -0.2], [1.0], [1.0], [1.0], [1.0]],
+            # read back as the nearest seed caption below: u1, u4 right; u2 the wrong background; u5 the wrong digit
+            "text_embedding": [[0.9, 0.1, 0], [0.2, 0.8, 0.1], [1, 0, 0], [0, 0.3, 0.7], [1, 0, 0], [0, 1, 0]],
         }
     )
-    result = bench.score(truth, decisions, curated)
+    seed_captions = (
+        [
+            "a red 3 on a plain blue background",
+            "a blue 4 on a plain yellow background",
+            "the number 1, white on plain black",
+        ],
+        np.eye(3, dtype=np.float32),
+    )
+    result = bench.score(truth, decisions, curated, seed_captions)
     assert result["kept"] == {"kept": 6, "true_positives": 3, "groups_to_keep": 4, "precision": 0.5, "recall": 0.75}
     assert result["baseline_keep_fetched"]["precision"] == pytest.approx(4 / 11)
     assert result["precision_vs_baseline"] == pytest.approx(0.5 / (4 / 11))
     assert result["extrapolation"] == {"images": 4, "class_accuracy": 1.0, "color_accuracy": 0.5, "both_accuracy": 0.5}
+    assert result["condition"] == {"digit_accuracy": 0.75, "fg_accuracy": 1.0, "bg_accuracy": 0.75, "all_accuracy": 0.5}
     assert result["leak"] == {"leak_urls": 2, "kept": 1, "flagged": 1, "recall": 0.5, "false_alarms": 1}
     assert result["per_kind"]["in_domain"] == {"kept": 2, "distance": 2}
     assert result["decisions_not_in_truth"] == 1
@@ -284,7 +303,18 @@ def test_bench_reads_the_pipeline_files_and_explains_what_is_missing(demo_run, t
     decisions = pa.table({f.name: given.get(f.name, pa.nulls(n, f.type)) for f in DECISION_SCHEMA})
     write_table(decisions, paths.decisions, DECISION_SCHEMA)
     kept = truth[oracle]
-    captions = [[f"a {fg} {d} on a plain white background"] for d, fg in zip(kept.true_digit, kept.fg_color)]
+    captions = [
+        f"a {fg} {d} on a plain {bg} background" for d, fg, bg in zip(kept.true_digit, kept.fg_color, kept.bg_color)
+    ]
+    one_hot = np.eye(len(kept), dtype=np.float32)  # each kept image's feature is exactly its own caption's
+    assert bench.main(["--root", str(paths.root)]) == 1
+    assert "seed_captions/train.parquet: not found" in capsys.readouterr().err
+    write_embeddings(
+        paths.embedding_file("seed_captions", "train"),
+        [f"seed-{i}" for i in range(len(kept))],
+        one_hot,
+        {"caption": pa.array(captions)},
+    )
     shard = pd.DataFrame(
         {
             "id": kept.url,
@@ -297,10 +327,10 @@ def test_bench_reads_the_pipeline_files_and_explains_what_is_missing(demo_run, t
             "source": "demo_web",
             "url": kept.url,
             "sha256": "",
-            "text_embedding": [[0.0]] * len(kept),
+            "text_embedding": list(one_hot.astype(np.float16)),
             "neighbor_ids": [["demo-00000"]] * len(kept),
             "neighbor_weights": [[1.0]] * len(kept),
-            "neighbor_captions": captions,
+            "neighbor_captions": [[c] for c in captions],
         }
     )
     shard = pa.Table.from_pandas(shard, schema=CURATED_SCHEMA, preserve_index=False)
@@ -309,6 +339,7 @@ def test_bench_reads_the_pipeline_files_and_explains_what_is_missing(demo_run, t
     result = yaml.safe_load((paths.root / "bench" / "results" / "curation_quality.json").read_text())
     assert result["kept"]["precision"] == 1.0 and result["kept"]["recall"] == 1.0
     assert result["extrapolation"]["both_accuracy"] == 1.0 and result["leak"]["recall"] == 1.0
+    assert result["condition"]["all_accuracy"] == 1.0
     assert "kept precision" in capsys.readouterr().out
 
 
