@@ -23,10 +23,25 @@ class UnusableImage(Exception):
     """Bytes that are not an image the pipeline stores; the message says why in plain words."""
 
 
+# The formats the pipeline stores, by their leading bytes (WebP also needs "WEBP" at offset 8: image_format).
+FORMAT_MAGIC = ((_JPEG_START, "jpg"), (b"\x89PNG", "png"), (b"GIF8", "gif"), (b"RIFF", "webp"))
+FORMAT_NAMES = {"jpg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WebP"}
+
+
+def _claimed_format(data: bytes) -> str | None:
+    return next((extension for magic, extension in FORMAT_MAGIC if data.startswith(magic)), None)
+
+
+def image_format(data: bytes) -> str | None:
+    """The file extension of these image bytes by their magic bytes (jpg, png, gif or webp), or None."""
+    claimed = _claimed_format(data)
+    return None if claimed == "webp" and data[8:12] != b"WEBP" else claimed
+
+
 def _describe(data: bytes) -> str:
-    for magic, name in ((_JPEG_START, "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"RIFF", "WebP")):
-        if data.startswith(magic):
-            return f"a {name} whose header is cut short or corrupt"
+    claimed = _claimed_format(data)
+    if claimed is not None:
+        return f"a {FORMAT_NAMES[claimed]} whose header is cut short or corrupt"
     head = data[:64].lstrip()
     if head[:1] == b"<":
         return "an HTML or XML page"

@@ -225,6 +225,14 @@ class ExportParams(_Section):
     include_seed: bool = Field(True, description="also export the seed train and test splits")
     samples_per_shard: int = Field(10_000, ge=1, le=1_000_000, description="images per webdataset tar")
 
+    @field_validator("formats")
+    @classmethod
+    def _each_format_once(cls, formats: list[str]) -> list[str]:
+        repeated = sorted({f for f in formats if formats.count(f) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(repeated)} more than once: each format is written once")
+        return formats
+
 
 class UNetParams(_Section):
     block_out_channels: list[int] = Field([16, 32, 32], min_length=1, max_length=6)

@@ -95,5 +95,10 @@ def test_export_needs_curate_first_and_keeps_the_last_export(exported, tmp_path)
 def test_image_extension_names_the_format_or_the_row():
     assert export.image_extension(b"\xff\xd8\xff\xe0rest", "x") == "jpg"
     assert export.image_extension(b"RIFF\0\0\0\0WEBPVP8 ", "x") == "webp"
+    assert (
+        export.image_extension(b"\x89PNG\r\n\x1a\n", "x") == "png" and export.image_extension(b"GIF89a", "x") == "gif"
+    )
+    with pytest.raises(InputError, match="u2: image bytes are neither"):
+        export.image_extension(b"RIFF\0\0\0\0WAVEfmt ", "u2")  # a RIFF file that is not a WebP
     with pytest.raises(InputError, match="extra image u1: image bytes are neither"):
         export.image_extension(b"<html>", "extra image u1")

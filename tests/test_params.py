@@ -23,6 +23,7 @@ def test_repository_params_are_valid():
         ({"evaluate": {"guidance_scale": 1000}}, "evaluate.guidance_scale", "less than or equal to 100"),
         ({"device": "tpu"}, "device", "'auto', 'cpu' or 'cuda'"),
         ({"curate": {"distance_percentile": 101}}, "curate.distance_percentile", "less than or equal to 100"),
+        ({"export": {"formats": ["hf", "webdataset", "hf"]}}, "export.formats", "names hf more than once"),
     ],
 )
 def test_bad_value_names_the_field(params_dict, overrides, field, words):

@@ -19,6 +19,7 @@ import pyarrow as pa
 import webdataset
 from tqdm import tqdm
 
+from dextra.crawl.images import image_format
 from dextra.pipeline.atomic import atomic_path
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import Params
@@ -26,17 +27,14 @@ from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import CURATED_FIELDS, CURATED_SCHEMA, IMAGE_SCHEMA, read_table, shard_files
 
 COLUMNS = [f.name for f in CURATED_SCHEMA]
-IMAGE_EXTENSIONS = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"))
 
 
 def image_extension(data: bytes, where: str) -> str:
     """The file extension webdataset decoders expect for these bytes (they pick the decoder by extension)."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    for magic, extension in IMAGE_EXTENSIONS:
-        if data.startswith(magic):
-            return extension
-    raise InputError(f"{where}: image bytes are neither JPEG, PNG, GIF nor WebP")
+    extension = image_format(data)
+    if extension is None:
+        raise InputError(f"{where}: image bytes are neither JPEG, PNG, GIF nor WebP")
+    return extension
 
 
 def _splits(params: Params, paths: Paths) -> dict[str, list[pa.Table]]:
