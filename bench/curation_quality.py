@@ -3,7 +3,7 @@ next to a baseline that keeps every fetched URL, scored in the same run.
 
     python bench/curation_quality.py [--root .]
 
-Rules (pipeline/demo.py writes the truth):
+Rules (pipeline/demo/web.py writes the truth):
 - A duplicate group is an original and its exact and near copies (truth `duplicate_of` names the original).
   A group should be kept iff its original is `in_domain`, and then exactly once: the group is one true positive
   when any copy of it is kept, and every further kept copy is a false positive. Nothing else should be kept
