@@ -69,6 +69,7 @@ def main() -> None:
                     "kept": scores["kept"]["kept"],
                     "class_accuracy": scores["extrapolation"]["class_accuracy"],
                     "color_accuracy": scores["extrapolation"]["color_accuracy"],
+                    "condition_accuracy": scores["condition"]["all_accuracy"],
                     "leaks_kept": scores["leak"]["kept"],
                 }
             )
@@ -77,6 +78,7 @@ def main() -> None:
             print(
                 f"{name:28} precision {fmt(r['precision'])}  recall {fmt(r['recall'])}  kept {r['kept']:5}  "
                 f"class acc {fmt(r['class_accuracy'])}  colour acc {fmt(r['color_accuracy'])}  "
+                f"text all three {fmt(r['condition_accuracy'])}  "
                 f"leaks kept {r['leaks_kept']}",
                 flush=True,
             )
