@@ -48,7 +48,7 @@ def rows_curation_ablation(r: dict) -> list[tuple[str, str, str]]:
         (
             f"ablation: {v['variant']}",
             f"P {fmt(v['precision'])} / R {fmt(v['recall'])}",
-            f"class acc {fmt(v['class_accuracy'])}, text all three {fmt(v.get('condition_accuracy'))}, "
+            f"class acc {fmt(v['class_accuracy'])}, text all three {fmt(v['condition_accuracy'])}, "
             f"leaks kept {v['leaks_kept']}",
         )
         for v in r["variants"]

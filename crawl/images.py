@@ -23,8 +23,8 @@ class UnusableImage(Exception):
     """Bytes that are not an image the pipeline stores; the message says why in plain words."""
 
 
-# The formats the pipeline stores, by their leading bytes (WebP also needs "WEBP" at offset 8: image_format).
-FORMAT_MAGIC = ((_JPEG_START, "jpg"), (b"\x89PNG", "png"), (b"GIF8", "gif"), (b"RIFF", "webp"))
+# The formats the pipeline stores, by their signatures (WebP also needs "WEBP" at offset 8: image_format).
+FORMAT_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"), (b"RIFF", "webp"))
 FORMAT_NAMES = {"jpg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WebP"}
 
 
