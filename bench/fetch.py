@@ -1,10 +1,12 @@
-"""Fetch throughput: `dextra fetch` (the guard in every worker, the per-shard commits, the status record) against a
-direct `img2dataset.download` call on the same URL list and loopback server, with the same processes, threads,
-shard size and image policy, in one process, alternating, `--reps` times each. Prints the median ratio of
-images/s (target >= 0.95). Also checks that a resumed URL-list download fetches no more than the missing bytes
-plus one chunk. Writes bench/results/fetch.json.
+"""Fetch throughput: `dextra fetch` (the guard in every worker, the per-host limits and robots.txt, the per-shard
+commits, the status record) against a direct `img2dataset.download` call on the same URL list, spread over
+`--hosts` loopback servers (127.0.0.1, 127.0.0.2, ...: separate hosts to the crawler), with the same processes,
+threads, shard size and image policy, in one process, alternating, `--reps` times each. Prints the median ratio
+of images/s (target >= 0.95) and the highest request rate any one host saw in a second (fetch.polite keeps it
+at most requests_per_second). Also checks that a resumed URL-list download fetches no more than the missing
+bytes plus one chunk. Writes bench/results/fetch.json.
 
-    python bench/fetch.py [--images 3000] [--reps 5]
+    python bench/fetch.py [--images 3000] [--hosts 128] [--reps 5]
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
         out = out[:drop] if drop is not None else out
         self.wfile.write(out)
         self.server.served.append(len(out))
+        self.server.starts.append(time.monotonic())
 
     def log_message(self, *args) -> None:
         pass
@@ -115,7 +118,7 @@ def _baseline(list_path: Path, work: Path, shard_size: int) -> int:
     )
 
 
-def _dextra(list_path: Path, root: Path, port: int, shard_size: int) -> tuple[int, float]:
+def _dextra(list_path: Path, root: Path, shard_size: int) -> tuple[int, float]:
     """`dextra urls` (untimed), then `dextra fetch` (timed) on a fresh repository root; returns (ok, seconds)."""
     (root / "manifests").mkdir(parents=True)
     manifest = {
@@ -126,9 +129,7 @@ def _dextra(list_path: Path, root: Path, port: int, shard_size: int) -> tuple[in
     (root / "manifests" / "bench.yaml").write_text(yaml.safe_dump(manifest))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["dataset"] = "bench"
-    raw["fetch"].update(
-        processes=PROCESSES, threads=THREADS, shard_size=shard_size, allow_addresses=[f"127.0.0.1:{port}"]
-    )
+    raw["fetch"].update(processes=PROCESSES, threads=THREADS, shard_size=shard_size, allow_addresses=["127.0.0.0/8"])
     params, paths = parse_params(raw), Paths(root)
     urls.run(params, paths)
     started = time.perf_counter()
@@ -161,9 +162,20 @@ def _resume_check(server: _Server, base: str, work: Path) -> dict:
     }
 
 
+def _peak_rate(starts: list[float]) -> int:
+    """The most requests that began within any one second."""
+    starts, peak, first = sorted(starts), 0, 0
+    for last, t in enumerate(starts):
+        while t - starts[first] >= 1.0:
+            first += 1
+        peak = max(peak, last - first + 1)
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--hosts", type=int, default=128, help="loopback servers the list is spread over (<= 250)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument(
         "--small", action="store_true", help="CI's size: 200 images, one paired run; writes under bench/results/small/"
@@ -174,40 +186,50 @@ def main() -> None:
     shard_size = max(1, args.images // (2 * PROCESSES))
     load_before = os.getloadavg()
 
-    server = _Server(("127.0.0.1", 0), _Handler)
-    server.files, server.served, server.drop_after = _images(args.images), [], None
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    baseline_s, dextra_s, baseline_ok, dextra_ok = [], [], [], []
+    files, servers = _images(args.images), []
+    for i in range(args.hosts):
+        server = _Server((f"127.0.0.{i + 1}", 0), _Handler)
+        server.files, server.served, server.drop_after, server.starts = files, [], None, []
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    bases = [f"http://127.0.0.{i + 1}:{server.server_address[1]}" for i, server in enumerate(servers)]
+    baseline_s, dextra_s, baseline_ok, dextra_ok, peak_rates = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="dextra-bench-fetch-") as tmp:
         tmp = Path(tmp)
         list_path = tmp / "urls.parquet"
-        paths = sorted(server.files, key=lambda p: int(p.split("/")[-1].split(".")[0]))
-        pq.write_table(pa.table({"url": [base + p for p in paths], "text": [f"image {p}" for p in paths]}), list_path)
+        paths = sorted(files, key=lambda p: int(p.split("/")[-1].split(".")[0]))
+        listed = [bases[i % args.hosts] + p for i, p in enumerate(paths)]
+        pq.write_table(pa.table({"url": listed, "text": [f"image {p}" for p in paths]}), list_path)
         for rep in range(args.reps):
             for which in ("baseline", "dextra") if rep % 2 == 0 else ("dextra", "baseline"):
                 work = tmp / f"{which}-{rep}"
+                for server in servers:
+                    server.starts.clear()
                 if which == "baseline":
                     started = time.perf_counter()
                     baseline_ok.append(_baseline(list_path, work, shard_size))
                     baseline_s.append(time.perf_counter() - started)
                 else:
-                    ok, seconds = _dextra(list_path, work, server.server_address[1], shard_size)
+                    ok, seconds = _dextra(list_path, work, shard_size)
                     dextra_ok.append(ok)
                     dextra_s.append(seconds)
+                    peak_rates.append(max(_peak_rate(server.starts) for server in servers))
                 print(
                     f"rep {rep} {which}: {(baseline_s if which == 'baseline' else dextra_s)[-1]:.1f} s",
                     file=sys.stderr,
                     flush=True,
                 )
-        resume = _resume_check(server, base, tmp)
-    server.shutdown()
+        resume = _resume_check(servers[0], bases[0], tmp)
+    for server in servers:
+        server.shutdown()
+    polite = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text())).fetch.polite
 
     baseline_ips = [n / s for n, s in zip(baseline_ok, baseline_s)]
     dextra_ips = [n / s for n, s in zip(dextra_ok, dextra_s)]
     ratios = [d / b for d, b in zip(dextra_ips, baseline_ips)]
     result = {
         "images": args.images,
+        "hosts": args.hosts,
         "processes": PROCESSES,
         "threads": THREADS,
         "shard_size": shard_size,
@@ -221,6 +243,8 @@ def main() -> None:
         "ratios": ratios,
         "median_ratio": statistics.median(ratios),
         "target": 0.95,
+        "dextra_peak_requests_per_host_second": max(peak_rates),
+        "polite_requests_per_second": polite.requests_per_second,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "cpus": os.cpu_count(),
@@ -233,7 +257,9 @@ def main() -> None:
         f"per pair {', '.join(f'{r:.3f}' for r in ratios)}); medians {result['dextra_images_per_s']:.0f} vs "
         f"{result['baseline_images_per_s']:.0f} images/s; load average {load_before[0]:.1f} -> "
         f"{result['load_average_after'][0]:.1f} "
-        f"on {os.cpu_count()} CPUs"
+        f"on {os.cpu_count()} CPUs; {args.images} images on {args.hosts} hosts, the busiest host got at most "
+        f"{result['dextra_peak_requests_per_host_second']} requests in a second "
+        f"(fetch.polite.requests_per_second: {polite.requests_per_second:g})"
     )
     print(
         f"resumed list download: {resume['resumed_bytes']:,} bytes fetched for {resume['missing_bytes']:,} missing "

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import random
 import time
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import requests
 import urllib3
 from tqdm import tqdm
 
+from dextra.crawl.polite import retry_after_s
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.shards import file_sha256
@@ -34,19 +34,6 @@ class _Retry(Exception):
     def __init__(self, message: str, wait_s: float | None = None):
         super().__init__(message)
         self.wait_s = wait_s
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    """Retry-After in seconds (it may be a number or an HTTP date), or None."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _validator(response: requests.Response) -> str | None:
@@ -77,7 +64,7 @@ def _attempt(
     with session.get(url, headers=headers, stream=True, timeout=timeout_s) as response:
         code = response.status_code
         if code == 429 or code >= 500:
-            raise _Retry(f"HTTP {code} {response.reason}", _retry_after(response))
+            raise _Retry(f"HTTP {code} {response.reason}", retry_after_s(response.headers))
         if code == 416:  # the part is not a prefix of the file as it is now
             part.unlink(missing_ok=True)
             raise _Retry("HTTP 416: the partial download does not fit the file any more; starting over", 0)

@@ -4,7 +4,8 @@
 The stage decides what to fetch from its own record (crawl/status.py), not from img2dataset's incremental
 mode, which misses rows appended to a finished shard and never retries failures. While img2dataset runs, a
 thread commits each shard it finishes, so a run killed at any moment keeps those shards and the next run
-fetches only the rest. The guard (crawl/safety.py, crawl/worker.py) runs inside img2dataset's workers.
+fetches only the rest. The guard (crawl/safety.py, crawl/worker.py) and the per-host limits (crawl/polite.py)
+run inside img2dataset's workers; the list is interleaved by host so that a shard's threads spread over hosts.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dextra.crawl.polite import Politeness, host_of, interleaved
 from dextra.crawl.safety import Policy
 from dextra.crawl.status import CRAWL_STATUS_SCHEMA, commit
 from dextra.crawl.worker import guarded_img2dataset, outcome
@@ -29,8 +31,6 @@ from dextra.pipeline.errors import ParamsError
 from dextra.pipeline.params import FetchParams
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import URL_SCHEMA, sha256_hex, write_table
-
-USER_AGENT_TOKEN = "img2dataset"  # the name X-Robots-Tag directives address img2dataset crawlers by
 
 
 def _image_rows(ok: pa.Table, encode_format: str) -> pa.Table:
@@ -144,13 +144,17 @@ def download(
     work = Path(
         tempfile.mkdtemp(prefix=f"{run_name}-", dir=paths.crawl_work)
     )  # unique: a killed run's workers never write here
+    todo = todo.take(pa.array(interleaved([host_of(u) for u in todo["url"].to_pylist()]), pa.int64()))
     write_table(todo, work / "input.parquet", URL_SCHEMA)
+    politeness = Politeness(
+        folder=str(work / "hosts"), user_agent_token=fetch.user_agent_token, **fetch.polite.model_dump()
+    )
     out = work / "out"
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with (
             _Committer(out, paths, run_name, attempts, fetch.encode_format) as committer,
-            guarded_img2dataset(policy) as download,
+            guarded_img2dataset(policy, politeness) as download,
         ):
             download(
                 url_list=str(work / "input.parquet"),
@@ -174,7 +178,7 @@ def download(
                 compute_hash=None,  # the stage hashes the stored bytes itself
                 distributor=fetch.distributor,
                 enable_wandb=False,
-                user_agent_token=USER_AGENT_TOKEN,
+                user_agent_token=fetch.user_agent_token,
                 disallowed_header_directives=list(fetch.opt_out),
             )
     except SystemExit:

@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.request
 from urllib.error import HTTPError, URLError
+from urllib.robotparser import RobotFileParser
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
 
@@ -35,6 +36,7 @@ from img2dataset.downloader import Downloader, is_disallowed  # noqa: E402
 from img2dataset.logger import LoggerProcess  # noqa: E402
 
 from dextra.crawl.images import UnusableImage, check_image  # noqa: E402
+from dextra.crawl.polite import Hosts, Politeness, RobotsFailure, host_of, retry_after_s  # noqa: E402
 from dextra.crawl.safety import Policy, Refused, build_opener, url_refusal  # noqa: E402
 
 img2dataset_main = importlib.import_module("img2dataset.main")  # the package's `main` attribute is a function
@@ -46,8 +48,11 @@ _watching = False  # whether die_with_parent's thread runs in this process
 
 
 class Failure(Exception):
-    def __init__(self, kind: str, message: str):
+    """Why a URL gave no body; `code` and `retry_after_s` come from an HTTP answer, for the host's backoff."""
+
+    def __init__(self, kind: str, message: str, code: int | None = None, retry_after_s: float | None = None):
         super().__init__(f"{kind}: {message}")
+        self.kind, self.message, self.code, self.retry_after_s = kind, message, code, retry_after_s
 
 
 def outcome(img2dataset_status: str, error_message: str | None) -> tuple[str, bool, str | None]:
@@ -110,22 +115,17 @@ def _read_body(response, policy: Policy, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def fetch_bytes(
+def _get(
     url: str,
     policy: Policy,
     opener: urllib.request.OpenerDirector,
     timeout: float,
-    user_agent_token: str | None,
+    user_agent_token: str,
     opt_out: set[str] | None,
 ) -> bytes:
-    """The body of `url`, or a Failure saying why not and whether a later run may try again."""
-    reason = url_refusal(url, policy.schemes)
-    if reason:
-        raise Failure(REFUSED, f"refused URL: {reason}")
+    """One request for `url`: its body, or a Failure saying why not and whether a later run may try again."""
     deadline = time.monotonic() + policy.max_seconds
-    request = urllib.request.Request(
-        url, headers={"User-Agent": USER_AGENT.format(token=user_agent_token or "img2dataset")}
-    )
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT.format(token=user_agent_token)})
     try:
         with opener.open(request, timeout=min(timeout, policy.max_seconds)) as response:
             if opt_out and is_disallowed(response.headers, user_agent_token, opt_out):
@@ -140,7 +140,12 @@ def fetch_bytes(
                 PERMANENT, f"redirect loop: more than 10 redirects, or one URL 4 times (last HTTP {exc.code})"
             ) from None
         transient = exc.code in (408, 425, 429) or exc.code >= 500
-        raise Failure(TRANSIENT if transient else PERMANENT, f"HTTP {exc.code}: {exc.reason}") from None
+        raise Failure(
+            TRANSIENT if transient else PERMANENT,
+            f"HTTP {exc.code}: {exc.reason}",
+            code=exc.code,
+            retry_after_s=retry_after_s(exc.headers),
+        ) from None
     except URLError as exc:
         if isinstance(exc.reason, BaseException):
             raise _network_failure(exc.reason) from None
@@ -149,15 +154,78 @@ def fetch_bytes(
         raise _network_failure(exc) from None
 
 
-def download_image(row, timeout, user_agent_token, disallowed_header_directives, *, policy: Policy, opener):
+def _robots_rules(url: str, host: str, hosts: Hosts, policy: Policy, opener, timeout: float) -> RobotFileParser:
+    """The site's robots.txt rules. RFC 9309: a 4xx means no rules; a 5xx or no answer means no URL of the site
+    may be fetched, transiently (a later run asks again)."""
+
+    def fetch(robots_url: str) -> bytes:
+        with hosts.turn(host):
+            try:
+                body = _get(robots_url, policy, opener, timeout, hosts.politeness.user_agent_token, None)
+            except Failure as exc:
+                if exc.code is not None and 400 <= exc.code < 500 and exc.code != 429:
+                    return b""
+                kind = TRANSIENT if exc.kind == PERMANENT and exc.code is not None else exc.kind
+                raise RobotsFailure(kind, f"robots.txt unreadable, so the site is not crawled: {exc.message}") from None
+        hosts.answered(host)
+        return body
+
+    try:
+        return hosts.robots(url, fetch)
+    except RobotsFailure as exc:
+        raise Failure(exc.kind, str(exc)) from None
+
+
+def fetch_bytes(
+    url: str,
+    policy: Policy,
+    opener: urllib.request.OpenerDirector,
+    timeout: float,
+    user_agent_token: str,
+    opt_out: set[str] | None,
+    hosts: Hosts | None = None,
+) -> bytes:
+    """The body of `url`, or a Failure saying why not and whether a later run may try again. With `hosts`, an
+    http(s) URL waits for its host's turn, is checked against robots.txt, and a 429 or 503 pauses the host and
+    is retried after the pause up to fetch.polite.retries times."""
+    reason = url_refusal(url, policy.schemes)
+    if reason:
+        raise Failure(REFUSED, f"refused URL: {reason}")
+    host = host_of(url) if hosts is not None else None
+    if host is None:
+        return _get(url, policy, opener, timeout, user_agent_token, opt_out)
+    polite, crawl_delay = hosts.politeness, 0.0
+    if polite.robots_txt:
+        rules = _robots_rules(url, host, hosts, policy, opener, timeout)
+        if not rules.can_fetch(polite.user_agent_token, url):
+            raise Failure(OPT_OUT, f"robots.txt disallows this URL for {polite.user_agent_token}")
+        crawl_delay = float(rules.crawl_delay(polite.user_agent_token) or 0.0)
+    for attempt in range(polite.retries + 1):
+        with hosts.turn(host, crawl_delay):
+            try:
+                body = _get(url, policy, opener, timeout, user_agent_token, opt_out)
+            except Failure as exc:
+                if exc.code not in (429, 503):
+                    if exc.code is not None:
+                        hosts.answered(host)
+                    raise
+                hosts.back_off(host, exc.retry_after_s)
+                if attempt == polite.retries:
+                    raise
+                continue
+        hosts.answered(host)
+        return body
+    raise AssertionError("unreachable")
+
+
+def download_image(
+    row, timeout, user_agent_token, disallowed_header_directives, *, policy: Policy, opener, hosts: Hosts | None
+):
     """img2dataset.downloader.download_image's signature and return value, fetching through the guard."""
     key, url = row
     try:
-        return (
-            key,
-            io.BytesIO(fetch_bytes(url, policy, opener, timeout, user_agent_token, disallowed_header_directives)),
-            None,
-        )
+        body = fetch_bytes(url, policy, opener, timeout, user_agent_token, disallowed_header_directives, hosts)
+        return key, io.BytesIO(body), None
     except Failure as exc:
         return key, None, str(exc)
 
@@ -203,14 +271,15 @@ def die_with_parent() -> None:
 class GuardedDownloader(Downloader):
     """img2dataset's Downloader, fetching and checking through the guard in whatever process runs the shard."""
 
-    def __init__(self, *args, policy: Policy, **kwargs):
+    def __init__(self, *args, policy: Policy, politeness: Politeness | None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.policy = policy
+        self.policy, self.politeness = policy, politeness
         self.resizer = CheckedResizer(self.resizer, policy.max_pixels)
 
     def __call__(self, row):
         die_with_parent()
-        guarded = functools.partial(download_image, policy=self.policy, opener=build_opener(self.policy))
+        hosts = Hosts(self.politeness) if self.politeness is not None else None
+        guarded = functools.partial(download_image, policy=self.policy, opener=build_opener(self.policy), hosts=hosts)
         original, img2dataset_downloader.download_image = img2dataset_downloader.download_image, guarded
         try:
             return super().__call__(row)
@@ -227,10 +296,10 @@ class _LoggerProcess(LoggerProcess):
 
 
 @contextlib.contextmanager
-def guarded_img2dataset(policy: Policy):
+def guarded_img2dataset(policy: Policy, politeness: Politeness | None = None):
     """Yield img2dataset.download, set up to build GuardedDownloaders (and loggers that die with the run)."""
     saved = img2dataset_main.Downloader, img2dataset_main.LoggerProcess
-    img2dataset_main.Downloader = functools.partial(GuardedDownloader, policy=policy)
+    img2dataset_main.Downloader = functools.partial(GuardedDownloader, policy=policy, politeness=politeness)
     img2dataset_main.LoggerProcess = _LoggerProcess
     try:
         yield img2dataset_main.download

@@ -49,6 +49,27 @@ def parse_address_rule(text: str) -> tuple[IPv4Network | IPv6Network, int | None
     return network, port_number
 
 
+class PoliteParams(_Section):
+    """How hard one web host is pushed (crawl/polite.py); the limits hold across all fetch workers of a machine."""
+
+    connections_per_host: int = Field(4, ge=1, le=256, description="requests in flight to one host at a time")
+    requests_per_second: float = Field(
+        5.0, ge=0, description="requests started per second to one host (0: no limit); a robots.txt Crawl-delay wins"
+    )
+    backoff_s: float = Field(1.0, gt=0, description="pause of a host after a 429 or 503; doubles while they go on")
+    max_backoff_s: float = Field(60.0, gt=0, description="longest pause, unless the host's Retry-After asks more")
+    retries: int = Field(
+        2, ge=0, le=20, description="times a URL answered 429 or 503 is tried again in the same run, after the pause"
+    )
+    robots_txt: bool = Field(True, description="honour each site's robots.txt for fetch.user_agent_token")
+
+    @model_validator(mode="after")
+    def _pauses(self) -> PoliteParams:
+        if self.max_backoff_s < self.backoff_s:
+            raise ValueError(f"max_backoff_s ({self.max_backoff_s:g}) is below backoff_s ({self.backoff_s:g})")
+        return self
+
+
 class FetchParams(_Section):
     """How images are fetched, stored and guarded (crawl/fetch.py, crawl/safety.py, crawl/worker.py)."""
 
@@ -86,6 +107,12 @@ class FetchParams(_Section):
     shard_size: int = Field(
         10_000, ge=1, description="URLs per img2dataset shard; a finished shard is never fetched again"
     )
+    user_agent_token: str = Field(
+        "img2dataset",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="the crawler's name in its User-Agent, for robots.txt and X-Robots-Tag directives",
+    )
+    polite: PoliteParams = PoliteParams()
 
     @field_validator("allow_addresses")
     @classmethod

@@ -245,7 +245,7 @@ def test_fetch_refuses_disallowed_scheme_and_long_url_without_fetching(crawled):
     assert local["status"] == "refused" and "scheme 'file' is not allowed" in local["error"]
     long = status[crawled["url_ids"][crawled["long_url"]]]
     assert long["status"] == "refused" and "2048" in long["error"]
-    assert sum(crawled["hits"].values()) == 5
+    assert sum(crawled["hits"].values()) == 5 + 1  # and the site's robots.txt, once
 
 
 def test_fetch_again_fetches_only_new_urls(crawled, web, capsys):
@@ -272,7 +272,7 @@ def test_fetch_again_fetches_only_new_urls(crawled, web, capsys):
     summary = fetch.run(params, paths)
     assert summary["listed"] == 11 and summary["duplicates"] == 2
     assert summary["new"] == 2 and summary["ok"] == 2 and summary["run"] == "run0002"
-    assert web.hits == Counter({"/new1.jpg": 1, "/new2.jpg": 1})
+    assert web.hits == Counter({"/new1.jpg": 1, "/new2.jpg": 1, "/robots.txt": 1})
     table = capsys.readouterr().out
     assert "2 URLs fetched (2 new, 0 retried)" in table and "  ok                 2         4" in table
     after = _snapshot(paths.crawl)
@@ -302,7 +302,7 @@ def test_fetch_refuses_other_image_settings_than_the_stored_images(crawled, web)
         fetch.run(params, paths)
     assert _snapshot(paths.crawl) == before and not web.hits
     params, paths = project(root, crawled["sources"], web=web)  # back to the stored settings: the new URL is fetched
-    assert fetch.run(params, paths)["ok"] == 1 and web.hits == Counter({"/new3.jpg": 1})
+    assert fetch.run(params, paths)["ok"] == 1 and web.hits == Counter({"/new3.jpg": 1, "/robots.txt": 1})
 
 
 def test_a_second_fetch_on_the_same_folder_is_refused(crawled, web):
@@ -348,7 +348,7 @@ def test_a_damaged_or_lost_crawl_shard_sends_only_its_urls_back_to_fetch(tmp_pat
     out = capsys.readouterr().out
     assert summary["repaired"] == 2 and summary["new"] == 4 and summary["ok"] == 4
     assert "repaired" in out and "is unreadable" in out and "is missing" in out
-    assert {f"{web.base}{path}" for path in web.hits} == lost
+    assert {f"{web.base}{path}" for path in web.hits} - {f"{web.base}/robots.txt"} == lost
     assert shards[2].read_bytes() == untouched
     status = read_table(paths.crawl_status, STATUS_SCHEMA)
     assert status.num_rows == 6 and set(status["status"].to_pylist()) == {"ok"}

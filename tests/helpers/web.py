@@ -73,7 +73,9 @@ def loopback_only_env(folder: Path) -> dict:
 def project(
     root: Path, sources: list[dict], allowed_schemes=("http", "https"), web: Web | None = None, **fetch
 ) -> tuple:
-    """A repository root with manifests/t.yaml and params.yaml (the repository's, small and quick, allowing `web`)."""
+    """A repository root with manifests/t.yaml and params.yaml (the repository's, small and quick, allowing `web`).
+    One loopback server stands for many web hosts here, so fetch.polite's per-host limits are lifted unless a test
+    sets them (robots.txt stays on)."""
     (root / "manifests").mkdir(parents=True, exist_ok=True)
     manifest = {"name": "t", "seed": {"importer": "demo"}, "sources": sources, "allowed_schemes": list(allowed_schemes)}
     (root / "manifests" / "t.yaml").write_text(yaml.safe_dump(manifest))
@@ -88,6 +90,7 @@ def project(
             "shard_size": 100,
             "allow_addresses": [web.allow] if web else [],
             **fetch,
+            "polite": {"connections_per_host": 64, "requests_per_second": 0, **fetch.get("polite", {})},
         }
     )
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -184,14 +187,15 @@ class _Server(ThreadingHTTPServer):
 
 
 class Web:
-    """A threaded HTTP server on 127.0.0.1 with a table of routes; `allow` is its fetch.allow_addresses entry."""
+    """A threaded HTTP server on a loopback address with a table of routes; `allow` is its fetch.allow_addresses
+    entry. Servers on other loopback addresses (127.0.0.2, ...) are other hosts to the crawler."""
 
-    def __init__(self):
-        self.httpd = _Server(("127.0.0.1", 0), _Handler)
+    def __init__(self, address: str = "127.0.0.1"):
+        self.httpd = _Server((address, 0), _Handler)
         self.httpd.routes, self.httpd.hits, self.httpd.requests, self.httpd.lock = {}, Counter(), [], threading.Lock()
         self.port = self.httpd.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.allow = f"127.0.0.1:{self.port}"
+        self.base = f"http://{address}:{self.port}"
+        self.allow = f"{address}:{self.port}"
         self.routes, self.hits, self.requests = self.httpd.routes, self.httpd.hits, self.httpd.requests
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

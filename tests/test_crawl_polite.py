@@ -1,0 +1,227 @@
+"""Polite crawling (crawl/polite.py) through the real fetch stage: loopback servers on 127.0.0.1, 127.0.0.2, ...
+are separate hosts; each counts the requests it gets, when they start and how many are in flight."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from dextra.crawl import worker
+from dextra.crawl.polite import Hosts, Politeness, interleaved
+from dextra.crawl.safety import Policy, build_opener
+from dextra.crawl.status import CRAWL_STATUS_SCHEMA
+from dextra.pipeline.errors import ParamsError
+from dextra.pipeline.params import parse_address_rule
+from dextra.pipeline.shards import URL_SCHEMA, read_table
+from dextra.pipeline.stages import fetch, urls
+from tests.helpers.web import Web, encoded, project, send, static, write_csv
+
+JPEG = encoded(Image.new("RGB", (40, 40), "green"), "JPEG")
+ALLOW_ALL = b"User-agent: *\nDisallow:\n"
+
+
+class Host:
+    """A loopback web server that logs each request's path and start time and the peak of requests in flight."""
+
+    def __init__(self, address: str, robots: bytes | None = ALLOW_ALL, serve_s: float = 0.02):
+        self.web = Web(address)
+        self.serve_s, self.lock = serve_s, threading.Lock()
+        self.log: list[tuple[str, float, int]] = []  # path, start, HTTP code
+        self.in_flight = self.peak = 0
+        self.answers: dict[str, list[int]] = {}  # path -> HTTP codes to give before the image, in order
+        self.retry_after: str | None = None
+        if robots is not None:
+            self.web.routes["/robots.txt"] = static(robots, Content_Type="text/plain")
+
+    def image(self, path: str) -> str:
+        self.web.routes[path] = self._reply
+        return self.web.base + path
+
+    def _reply(self, handler) -> None:
+        path = handler.path
+        with self.lock:
+            queued = self.answers.get(path)
+            code = queued.pop(0) if queued else 200
+            self.log.append((path, time.monotonic(), code))
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            time.sleep(self.serve_s)
+            if code == 200:
+                send(handler, 200, JPEG)
+            else:
+                headers = {"Content-Type": "text/plain"}
+                if self.retry_after:
+                    headers["Retry-After"] = self.retry_after
+                send(handler, code, b"slow down", headers)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def starts(self, prefix: str = "/") -> list[float]:
+        return sorted(t for path, t, _ in self.log if path.startswith(prefix))
+
+    def pauses(self) -> list[float]:
+        """Seconds from each request answered 429/503 to the host's next request."""
+        log = sorted(self.log, key=lambda entry: entry[1])
+        return [later[1] - entry[1] for entry, later in zip(log, log[1:]) if entry[2] in (429, 503)]
+
+    def close(self) -> None:
+        self.web.close()
+
+
+@pytest.fixture
+def hosts():
+    made: list[Host] = []
+
+    def make(*args, **kwargs) -> Host:
+        made.append(Host(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for host in made:
+        host.close()
+
+
+def _crawl(root, servers: list[Host], urls_listed: list[str], **fetch_params) -> dict[str, dict]:
+    """urls + fetch over `urls_listed` in a fresh project; the status row of each URL."""
+    write_csv(root / "lists" / "web.csv", "url,text", [f"{u},a thing" for u in urls_listed])
+    params, paths = project(
+        root,
+        [{"name": "web", "path": "lists/web.csv"}],
+        allow_addresses=[s.web.allow for s in servers],
+        **{"processes": 2, "threads": 8, "shard_size": 10, **fetch_params},
+    )
+    urls.run(params, paths)
+    fetch.run(params, paths)
+    ids = {r["url_id"]: r["url"] for r in read_table(paths.urls / "web.parquet", URL_SCHEMA).to_pylist()}
+    return {ids[r["url_id"]]: r for r in read_table(paths.crawl_status, CRAWL_STATUS_SCHEMA).to_pylist()}
+
+
+def _fetch_directly(folder, host: Host, url: str, **polite) -> bytes | str:
+    """One URL through the worker's fetch with politeness (no img2dataset run): the body, or the failure."""
+    policy = Policy(schemes=frozenset({"http"}), allow=(parse_address_rule(host.web.allow),))
+    try:
+        return worker.fetch_bytes(
+            url, policy, build_opener(policy), 2.0, "img2dataset", set(), Hosts(Politeness(str(folder), **polite))
+        )
+    except worker.Failure as exc:
+        return str(exc)
+
+
+def _gaps(starts: list[float]) -> list[float]:
+    starts = sorted(starts)
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def test_connections_and_request_rate_hold_per_host_across_worker_processes(tmp_path, hosts):
+    one, two = hosts("127.0.0.1", serve_s=0.15), hosts("127.0.0.2", serve_s=0.15)
+    listed = [h.image(f"/{i}.jpg") for i in range(24) for h in (one, two)]
+    rows = _crawl(tmp_path, [one, two], listed, polite={"connections_per_host": 2, "requests_per_second": 20})
+    assert [r["status"] for r in rows.values()] == ["ok"] * 48
+    for host in (one, two):
+        starts = host.starts()
+        assert host.web.hits["/robots.txt"] == 1, host.web.hits  # once per host, although 2 processes fetched it
+        assert host.peak == 2, host.peak  # at most 2 in flight, and the 16 threads did reach the limit
+        assert min(_gaps(starts)) >= 0.8 / 20, min(_gaps(starts))
+        assert (len(starts) - 1) / (starts[-1] - starts[0]) <= 20 * 1.05
+    # the two hosts were fetched at the same time, not one after the other
+    assert min(two.starts()) < max(one.starts()) and min(one.starts()) < max(two.starts())
+
+
+def test_429_and_503_pause_only_their_host_doubling_and_honouring_retry_after(tmp_path, hosts):
+    busy, never, limited, calm = (hosts(f"127.0.0.{i}") for i in (1, 2, 3, 4))
+    busy.answers["/a.jpg"] = [503, 503]  # two in a row: pauses of 0.4 s, then 0.8 s; the third try succeeds
+    never.answers["/never.jpg"] = [503] * 10
+    limited.answers["/b.jpg"] = [429]
+    limited.retry_after = "1"
+    listed = [busy.image("/a.jpg"), never.image("/never.jpg"), limited.image("/b.jpg")]
+    listed += [limited.image(f"/{i}.jpg") for i in range(4)] + [calm.image(f"/{i}.jpg") for i in range(40)]
+    polite = {"connections_per_host": 1, "requests_per_second": 0, "backoff_s": 0.4, "max_backoff_s": 5, "retries": 2}
+    servers = [busy, never, limited, calm]
+    rows = _crawl(tmp_path, servers, listed, processes=1, threads=16, shard_size=100, polite=polite)
+    assert rows[busy.web.base + "/a.jpg"]["status"] == rows[limited.web.base + "/b.jpg"]["status"] == "ok"
+    failed = rows[never.web.base + "/never.jpg"]
+    assert (failed["status"], failed["transient"], failed["error"]) == ("error", True, "HTTP 503: Service Unavailable")
+    assert never.web.hits["/never.jpg"] == 3  # fetch.polite.retries: 2; then it waits for the next run
+    for host in (busy, never):
+        first, second = host.pauses()[:2]
+        assert 0.4 <= first < 0.8 <= second, host.pauses()  # doubling while the 503s go on
+    assert len(limited.pauses()) == 1 and limited.pauses()[0] >= 1.0, limited.pauses()  # Retry-After: 1
+    # the calm host was not paused: its requests went on while the others waited
+    paused_from = busy.starts("/a.jpg")[0]
+    assert sum(paused_from < t < paused_from + 0.4 for t in calm.starts()) >= 3, calm.starts()
+
+
+ROBOTS = b"""User-agent: img2dataset
+Disallow: /private/
+Crawl-delay: 1
+
+User-agent: *
+Disallow: /
+"""
+
+
+def test_robots_txt_is_honoured_once_per_site_with_its_crawl_delay(tmp_path, hosts):
+    site = hosts("127.0.0.1", robots=ROBOTS)
+    listed = [site.image(f"/public/{i}.jpg") for i in range(3)] + [site.image("/private/1.jpg")]
+    rows = _crawl(tmp_path / "ours", [site], listed, shard_size=2)
+    assert [rows[u]["status"] for u in listed] == ["ok"] * 3 + ["opt-out"]
+    assert rows[listed[-1]]["error"] == "robots.txt disallows this URL for img2dataset"
+    assert site.web.hits["/robots.txt"] == 1 and "/private/1.jpg" not in site.web.hits
+    assert min(_gaps(site.starts("/public/"))) >= 0.95  # Crawl-delay: 1 (robotparser reads whole seconds only)
+
+    other = hosts("127.0.0.2", robots=ROBOTS)
+    failure = _fetch_directly(tmp_path / "otherbot", other, other.image("/public/1.jpg"), user_agent_token="otherbot")
+    assert failure == "opt-out: robots.txt disallows this URL for otherbot"  # the `*` group: nothing at all
+    assert set(other.web.hits) == {"/robots.txt"}
+
+    ignoring = hosts("127.0.0.3", robots=ROBOTS)
+    assert _fetch_directly(tmp_path / "off", ignoring, ignoring.image("/private/1.jpg"), robots_txt=False) == JPEG
+    assert ignoring.web.hits == Counter({"/private/1.jpg": 1})
+
+
+def test_a_missing_robots_txt_allows_all_and_an_unreachable_one_none_until_a_later_run(tmp_path, hosts):
+    missing = hosts("127.0.0.1", robots=None)  # 404
+    failing = hosts("127.0.0.2", robots=None)
+    failing.web.routes["/robots.txt"] = static(b"down", 500, Content_Type="text/plain")
+    listed = [missing.image("/1.jpg"), failing.image("/1.jpg"), failing.image("/2.jpg")]
+    rows = _crawl(tmp_path, [missing, failing], listed, processes=1)
+    assert rows[listed[0]]["status"] == "ok"
+    for url in listed[1:]:
+        assert (rows[url]["status"], rows[url]["transient"]) == ("error", True)
+        assert rows[url]["error"] == (
+            "robots.txt unreadable, so the site is not crawled: HTTP 500: Internal Server Error"
+        )
+    assert failing.web.hits == Counter({"/robots.txt": 1})
+    failing.web.routes["/robots.txt"] = static(ALLOW_ALL, Content_Type="text/plain")
+    params, paths = project(
+        tmp_path,
+        [{"name": "web", "path": "lists/web.csv"}],
+        allow_addresses=[s.web.allow for s in (missing, failing)],
+        processes=1,
+    )
+    assert fetch.run(params, paths)["ok"] == 2  # the next run asks for robots.txt again
+
+
+def test_lists_are_interleaved_by_host_and_one_host_keeps_its_order():
+    assert interleaved(["a", "a", "a", "b", "b", None]) == [0, 3, 5, 1, 4, 2]
+    assert interleaved(["a"] * 5) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "polite, message",
+    [
+        ({"backoff_s": 10, "max_backoff_s": 5}, "max_backoff_s (5) is below backoff_s (10)"),
+        ({"connections_per_host": 0}, "fetch.polite.connections_per_host"),
+        ({"request_per_second": 1}, "fetch.polite.request_per_second"),
+    ],
+)
+def test_polite_params_are_checked(tmp_path, polite, message):
+    with pytest.raises(ParamsError) as raised:
+        project(tmp_path, [], polite=polite)
+    assert "fetch.polite" in str(raised.value) and message in str(raised.value)
