@@ -178,6 +178,7 @@ def test_dvc_repro_on_a_folder_seed_and_a_loopback_url_list_runs_through_curate(
     assert all(
         r["split"] == "extra" and r["text_embedding"] and r["neighbor_ids"][0].startswith("folder-") for r in curated
     )
-    assert all(n == 1 for n in web.requests.values()) and len(web.requests) == len(kinds)
+    assert all(n == 1 for n in web.requests.values()) and len(web.requests) == len(kinds) + 1  # + its robots.txt
+    assert "/robots.txt" in web.requests
 
     assert stages_run(dvc(project, "repro", "curate")) == []

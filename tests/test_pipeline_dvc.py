@@ -15,9 +15,9 @@ from tests.helpers.browser import check_in_browser, have_browser
 from tests.helpers.dvc import dvc, stages_run
 
 SMALL = {
-    "demo": {"n_seed": 120, "n_web": 200},
+    "demo": {"n_seed": 120, "n_web": 200, "n_corpus": 200},
     "fetch": {"processes": 1, "threads": 8},
-    "clip": {"train_epochs": 2, "batch_size": 32},
+    "clip": {"train_epochs": 2, "batch_size": 32, "corpus_epochs": 1},
     # Two epochs of CLIP cannot tell digits apart, so the detectors would keep nothing: judge by distance here.
     "curate": {"cluster_detector": False, "class_detector": False, "distance_detector": "on"},
     "train": {"monitor_samples": 8},
