@@ -18,7 +18,9 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address
+from pathlib import Path
 from urllib.parse import urljoin, urlsplit
+from urllib.request import url2pathname
 
 from dextra.pipeline.manifest import Manifest
 from dextra.pipeline.params import FetchParams, parse_address_rule
@@ -38,23 +40,29 @@ class Policy:
 
     schemes: frozenset[str]
     allow: tuple[tuple[IPv4Network | IPv6Network, int | None], ...] = ()
+    file_roots: tuple[str, ...] = ()  # where file:// URLs may point when the manifest does not allow file:// at large
     max_seconds: float = 30.0
     max_bytes: int = 10_000_000
     max_pixels: int = 40_000_000
 
     @classmethod
-    def from_params(cls, fetch: FetchParams, manifest: Manifest) -> Policy:
+    def from_params(cls, fetch: FetchParams, manifest: Manifest, local_folders: Iterable[Path] = ()) -> Policy:
+        """`local_folders`: the manifest's local sources, whose files may be read although file:// is not allowed."""
+        roots = tuple(str(folder.resolve()) for folder in local_folders)
+        schemes = set(manifest.allowed_schemes) | ({"file"} if roots else set())
         return cls(
-            schemes=frozenset(manifest.allowed_schemes),
+            schemes=frozenset(schemes),
             allow=tuple(parse_address_rule(a) for a in fetch.allow_addresses),
+            file_roots=() if "file" in manifest.allowed_schemes else roots,
             max_seconds=fetch.max_seconds,
             max_bytes=fetch.max_bytes,
             max_pixels=fetch.max_pixels,
         )
 
 
-def url_refusal(url: str, schemes: Iterable[str]) -> str | None:
-    """Why `url` may not be fetched at all (before any address is known), or None."""
+def url_refusal(url: str, schemes: Iterable[str], file_roots: tuple[str, ...] = ()) -> str | None:
+    """Why `url` may not be fetched at all (before any address is known), or None. With `file_roots`, a file:// URL
+    must name a file inside one of them once links are resolved."""
     if len(url) > MAX_URL_LENGTH:
         return f"URL is {len(url)} characters long (at most {MAX_URL_LENGTH})"
     try:
@@ -68,6 +76,10 @@ def url_refusal(url: str, schemes: Iterable[str]) -> str | None:
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             return f"file URL names another host ({parts.netloc!r})"
+        if file_roots:
+            path = Path(url2pathname(parts.path)).resolve()
+            if not any(path.is_relative_to(root) for root in file_roots):
+                return f"file {path} is outside the local sources' folders"
     elif not parts.hostname:
         return "URL has no host"
     return None

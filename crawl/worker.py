@@ -188,7 +188,7 @@ def fetch_bytes(
     """The body of `url`, or a Failure saying why not and whether a later run may try again. With `hosts`, an
     http(s) URL waits for its host's turn, is checked against robots.txt, and a 429 or 503 pauses the host and
     is retried after the pause up to fetch.polite.retries times."""
-    reason = url_refusal(url, policy.schemes)
+    reason = url_refusal(url, policy.schemes, policy.file_roots)
     if reason:
         raise Failure(REFUSED, f"refused URL: {reason}")
     host = host_of(url) if hosts is not None else None

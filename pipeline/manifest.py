@@ -1,4 +1,5 @@
-"""Manifests: where a dataset's seed set comes from and which URL lists extend it (manifests/<dataset>.yaml)."""
+"""Manifests: where a dataset's seed set comes from and which URL lists or local image folders and archives extend
+it (manifests/<dataset>.yaml)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from dextra.pipeline.errors import ParamsError, validation_message
 from dextra.pipeline.paths import Paths
@@ -99,10 +100,51 @@ class UrlSource(_Strict):
         return self
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
+
+
+class LocalSource(_Strict):
+    """Images already on disk (a folder, or a tar/zip archive such as a released extra set) as an extra source: each
+    image goes through fetch, embed and curate like a crawled one (crawl/local.py)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names data/urls/<name>.parquet")
+    images: str = Field(
+        description="a folder or a .tar/.tar.gz/.tgz/.tar.bz2/.tar.xz/.zip of images, under the repository's lists/ "
+        "(where the urls stage's DVC dependency sees every change)"
+    )
+    captions: str | None = Field(
+        None, description="a CSV inside the folder or archive: file (path inside it), text[, class]"
+    )
+    class_from_folder: bool = Field(False, description="an image's first folder names its class (and its query)")
+    max_unpacked_bytes: int = Field(
+        200_000_000_000, ge=1, description="an archive whose images add up to more is refused (archive bombs)"
+    )
+
+    @model_validator(mode="after")
+    def _under_lists(self) -> LocalSource:
+        parts = Path(self.images).parts
+        if Path(self.images).is_absolute() or parts[:1] != ("lists",) or ".." in parts or len(parts) < 2:
+            raise ValueError(f"images: {self.images!r} must be a path under lists/ (relative to the repository)")
+        return self
+
+    @property
+    def is_archive(self) -> bool:
+        return self.images.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _source_kind(value) -> str:
+    return "local" if isinstance(value, LocalSource) or (isinstance(value, dict) and "images" in value) else "list"
+
+
+Source = Annotated[
+    Annotated[UrlSource, Tag("list")] | Annotated[LocalSource, Tag("local")], Discriminator(_source_kind)
+]
+
+
 class Manifest(_Strict):
     name: str
     seed: SeedSource
-    sources: list[UrlSource] = []
+    sources: list[Source] = []
     allowed_schemes: list[Literal["http", "https", "file"]] = ["http", "https"]
 
     @model_validator(mode="after")
@@ -111,6 +153,11 @@ class Manifest(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique (each names data/urls/<name>.parquet): {names}")
         return self
+
+
+def local_folder(source: LocalSource, paths: Paths) -> Path:
+    """Where a local source's image files are: its folder, or where its archive is unpacked."""
+    return paths.local_sources / source.name if source.is_archive else paths.root / source.images
 
 
 def load_manifest(dataset: str, paths: Paths) -> Manifest:

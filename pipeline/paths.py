@@ -46,6 +46,11 @@ class Paths:
         return self.url_downloads / f"{source}.{fmt}"
 
     @property
+    def local_sources(self) -> Path:
+        """data/local/<source>/: local sources' archives, unpacked (no DVC cache: the archive is the copy)."""
+        return self.root / "data" / "local"
+
+    @property
     def crawl(self) -> Path:
         return self.root / "data" / "crawl"
 

@@ -19,7 +19,7 @@ from dextra.crawl.safety import Policy
 from dextra.crawl.status import consolidate, crawl_lock, next_run, repair
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.errors import ParamsError
-from dextra.pipeline.manifest import load_manifest
+from dextra.pipeline.manifest import LocalSource, load_manifest, local_folder
 from dextra.pipeline.params import FetchParams, Params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import URL_SCHEMA, read_tables, shard_files
@@ -72,7 +72,8 @@ def _report(summary: dict, rows: list[dict], status: pa.Table, transient_retries
 def run(params: Params, paths: Paths) -> dict:
     manifest = load_manifest(params.dataset, paths)
     fetch = params.fetch
-    policy = Policy.from_params(fetch, manifest)
+    local = [local_folder(s, paths) for s in manifest.sources if isinstance(s, LocalSource)]
+    policy = Policy.from_params(fetch, manifest, local)
     check_distributor(fetch)
     with crawl_lock(paths):
         status = consolidate(paths)  # what a killed run committed counts; what it left half-done goes

@@ -1,13 +1,15 @@
-"""`dextra urls`: every URL list of the manifest's `sources:` becomes data/urls/<source>.parquet (URL_SCHEMA).
-Lists given as `url:` + `sha256:` are downloaded (resumably) into data/urls/downloads/ first."""
+"""`dextra urls`: every source of the manifest's `sources:` becomes data/urls/<source>.parquet (URL_SCHEMA).
+Lists given as `url:` + `sha256:` are downloaded (resumably) into data/urls/downloads/ first; a local source's
+archive is unpacked into data/local/<source>/ first (crawl/local.py), and its images are listed as file:// URLs."""
 
 from __future__ import annotations
 
 import shutil
 
 from dextra.crawl.download import download_file
+from dextra.crawl.local import list_images, unpack
 from dextra.crawl.urls import build_list
-from dextra.pipeline.manifest import load_manifest
+from dextra.pipeline.manifest import LocalSource, load_manifest, local_folder
 from dextra.pipeline.params import Params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import URL_SCHEMA, shard_files, write_table
@@ -18,6 +20,13 @@ def run(params: Params, paths: Paths) -> dict:
     # Read every source before writing any, so one broken source leaves all lists as they were.
     tables, summary = {}, {}
     for source in manifest.sources:
+        if isinstance(source, LocalSource):
+            unpacked = (
+                unpack(paths.root / source.images, local_folder(source, paths), source) if source.is_archive else {}
+            )
+            tables[source.name], summary[source.name] = list_images(local_folder(source, paths), source)
+            summary[source.name].update(unpacked)
+            continue
         if source.url:
             path = download_file(
                 source.url, paths.url_download(source.name, source.format), source.sha256, label=source.name
@@ -31,7 +40,18 @@ def run(params: Params, paths: Paths) -> dict:
     removed = [p.stem for p in shard_files(paths.urls) if p.stem not in tables]
     for stem in removed:
         paths.url_list(stem).unlink()
-    keep = {paths.url_download(s.name, s.format).name for s in manifest.sources if s.url}
+    paths.local_sources.mkdir(parents=True, exist_ok=True)  # a DVC output, even when no source is local
+    unpacked = {s.name for s in manifest.sources if isinstance(s, LocalSource) and s.is_archive}
+    for folder in paths.local_sources.iterdir():
+        if folder.name in unpacked:
+            continue
+        if folder.is_dir():  # a source no longer in the manifest or no longer an archive, or a killed unpack
+            shutil.rmtree(folder)
+        else:
+            folder.unlink()
+    keep = {
+        paths.url_download(s.name, s.format).name for s in manifest.sources if not isinstance(s, LocalSource) and s.url
+    }
     # .tmp: writes cut short by a kill; downloads of sources no longer listed
     for stale in (*paths.urls.glob(".*.tmp"), *paths.url_downloads.glob("*")):
         if stale.name.removesuffix(".json").removesuffix(".part").removesuffix(".bad") in keep:
