@@ -87,7 +87,13 @@ def rows_fetch(r: dict) -> list[tuple[str, str, str]]:
             "fetch: dextra ÷ plain img2dataset images/s",
             f"{r['median_ratio']:.2f}",
             f"median of {r['reps']}; {r['dextra_images_per_s']:.0f} vs {r['baseline_images_per_s']:.0f} images/s, "
-            f"{r['processes']} processes × {r['threads']} threads, loopback",
+            f"{r['processes']} processes × {r['threads']} threads, {r['images']:,} images on {r['hosts']} loopback "
+            f"hosts, robots.txt and per-host limits on",
+        ),
+        (
+            "fetch: busiest host, requests in one second",
+            f"{r['dextra_peak_requests_per_host_second']}",
+            f"fetch.polite.requests_per_second: {r['polite_requests_per_second']:g}",
         ),
         (
             "fetch: resumed list download",

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from urllib.robotparser import RobotFileParser
 from dextra.pipeline.atomic import write_json
 
 SLOT_POLL_S = 0.005
+STATE = struct.Struct("<dq")  # a host's state file: earliest time of its next request, 429/503 answers in a row
 ROBOTS_MAX_BYTES = 500_000  # RFC 9309: crawlers must read at least 500 KiB
 
 
@@ -77,13 +79,17 @@ def host_of(url: str) -> str | None:
 
 def interleaved(hosts: list[str | None]) -> list[int]:
     """Row order taking one URL per host in turn (stable within a host): img2dataset's threads work through a
-    shard in order, so a list sorted by host would put every thread in one host's queue. One host keeps its order."""
+    shard in order, so a list sorted by host would put every thread in one host's queue. Each turn visits the
+    hosts in another (fixed pseudo-random) order, or workers on different shards would reach the same host at the
+    same moment and wait for each other. One host keeps its order."""
     seen: dict[str | None, int] = {}
-    rank = []
-    for host in hosts:
-        rank.append(seen.get(host, 0))
-        seen[host] = rank[-1] + 1
-    return sorted(range(len(hosts)), key=lambda i: (rank[i], i))
+    keys = []
+    for i, host in enumerate(hosts):
+        rank = seen.get(host, 0)
+        seen[host] = rank + 1
+        mix = hashlib.blake2b(f"{rank}\0{host}".encode(), digest_size=8).digest()
+        keys.append((rank, mix, i))
+    return sorted(range(len(hosts)), key=keys.__getitem__)
 
 
 class Hosts:
@@ -93,12 +99,17 @@ class Hosts:
         self.politeness = politeness
         self.folder = Path(politeness.folder)
         self._robots: dict[str, RobotFileParser | RobotsFailure] = {}
+        self._bases: dict[str, Path] = {}
+        self._strikes: dict[str, int] = {}  # what this worker last saw of each host's 429/503 run
 
     def _base(self, key: str) -> Path:
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        folder = self.folder / digest[:2]
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / digest[2:20]
+        base = self._bases.get(key)
+        if base is None:
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            folder = self.folder / digest[:2]
+            folder.mkdir(parents=True, exist_ok=True)
+            base = self._bases[key] = folder / digest[2:20]
+        return base
 
     @contextlib.contextmanager
     def _locked(self, path: Path) -> Iterator[int]:
@@ -112,18 +123,18 @@ class Hosts:
     def _update(self, host: str, change: Callable[[dict, float], dict]) -> dict:
         """Read the host's state, apply `change` (state, now) -> new state, write it back; all under its lock."""
         with self._locked(self._base(host).with_suffix(".state")) as fd:
-            raw = os.pread(fd, 4096, 0)
-            state = json.loads(raw) if raw else {"next": 0.0, "strikes": 0}
+            raw = os.pread(fd, STATE.size, 0)
+            next_s, strikes = STATE.unpack(raw) if len(raw) == STATE.size else (0.0, 0)
+            state = {"next": next_s, "strikes": strikes}
             new = change(state, time.time())
-            if new != state:
-                data = json.dumps(new).encode()
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, data, 0)
+            if new != state:  # one fixed-size record, overwritten in place (a truncate costs a journal write)
+                os.pwrite(fd, STATE.pack(new["next"], new["strikes"]), 0)
             return new
 
     @contextlib.contextmanager
-    def turn(self, host: str, min_interval_s: float = 0.0) -> Iterator[None]:
-        """Hold one of the host's connection slots, and start no sooner than its next allowed time."""
+    def turn(self, host: str, min_interval_s: float = 0.0, spaced: bool = True) -> Iterator[None]:
+        """Hold one of the host's connection slots, and start no sooner than its next allowed time; `spaced=False`
+        (robots.txt, once a run) holds a slot but neither waits for nor delays the host's next request."""
         base, slots = self._base(host), self.politeness.connections_per_host
         fd = None
         while fd is None:
@@ -138,19 +149,34 @@ class Hosts:
             else:
                 time.sleep(SLOT_POLL_S * random.uniform(0.5, 1.5))
         try:
-            rate = self.politeness.requests_per_second
-            interval = max(1.0 / rate if rate else 0.0, min_interval_s)
+            if not spaced:
+                yield
+                return
+            interval, tolerance = self._spacing(min_interval_s)
             start = [0.0]
 
-            def book(state: dict, now: float) -> dict:
-                start[0] = max(now, state["next"])
-                return {**state, "next": start[0] + interval}
+            def book(state: dict, now: float) -> dict:  # GCRA: "next" is the theoretical arrival time
+                start[0] = max(now, state["next"] - tolerance)
+                return {**state, "next": max(state["next"], start[0]) + interval}
 
-            self._update(host, book)
-            time.sleep(max(0.0, start[0] - time.time()))
+            self._strikes[host] = self._update(host, book)["strikes"]
+            wait = start[0] - time.time()
+            if wait > 0:
+                time.sleep(wait)
             yield
         finally:
             os.close(fd)
+
+    def _spacing(self, min_interval_s: float = 0.0) -> tuple[float, float]:
+        """(seconds between requests, how far ahead of that schedule a request may start). The rate is kept on
+        average with bursts of up to connections_per_host requests (a generic cell rate algorithm), so that
+        workers reaching a host at nearly the same moment do not wait for each other; a Crawl-delay is kept
+        strictly."""
+        rate = self.politeness.requests_per_second
+        interval = 1.0 / rate if rate else 0.0
+        if min_interval_s > interval:
+            return min_interval_s, 0.0
+        return interval, (self.politeness.connections_per_host - 1) * interval
 
     def back_off(self, host: str, retry_after_s: float | None) -> float:
         """After a 429 or 503: no request to the host before Retry-After, or backoff_s doubled per answer in a
@@ -162,14 +188,17 @@ class Hosts:
             strikes = state["strikes"] + 1
             wait = retry_after_s if retry_after_s is not None else p.backoff_s * 2 ** (strikes - 1)
             pause[0] = min(wait, p.max_backoff_s)
-            return {"next": max(state["next"], now + pause[0]), "strikes": strikes}
+            tolerance = self._spacing()[1]  # no burst may start before the pause is over
+            return {"next": max(state["next"], now + pause[0] + tolerance), "strikes": strikes}
 
-        self._update(host, change)
+        self._strikes[host] = self._update(host, change)["strikes"]
         return pause[0]
 
     def answered(self, host: str) -> None:
-        """A request got an answer other than 429/503: the doubling starts again from backoff_s."""
-        self._update(host, lambda state, now: {**state, "strikes": 0})
+        """A request got an answer other than 429/503: the doubling starts again from backoff_s (nothing to
+        write when this worker saw none)."""
+        if self._strikes.get(host):
+            self._strikes[host] = self._update(host, lambda state, now: {**state, "strikes": 0})["strikes"]
 
     def robots(self, url: str, fetch: Callable[[str], bytes]) -> RobotFileParser:
         """The parsed robots.txt of `url`'s site, fetched with `fetch` (which raises RobotsFailure for what is

@@ -159,7 +159,7 @@ def _robots_rules(url: str, host: str, hosts: Hosts, policy: Policy, opener, tim
     may be fetched, transiently (a later run asks again)."""
 
     def fetch(robots_url: str) -> bytes:
-        with hosts.turn(host):
+        with hosts.turn(host, spaced=False):
             try:
                 body = _get(robots_url, policy, opener, timeout, hosts.politeness.user_agent_token, None)
             except Failure as exc:

@@ -54,7 +54,10 @@ class PoliteParams(_Section):
 
     connections_per_host: int = Field(4, ge=1, le=256, description="requests in flight to one host at a time")
     requests_per_second: float = Field(
-        5.0, ge=0, description="requests started per second to one host (0: no limit); a robots.txt Crawl-delay wins"
+        5.0,
+        ge=0,
+        description="requests started per second to one host, on average, in bursts of at most connections_per_host "
+        "(0: no limit); a longer robots.txt Crawl-delay is kept strictly",
     )
     backoff_s: float = Field(1.0, gt=0, description="pause of a host after a 429 or 503; doubles while they go on")
     max_backoff_s: float = Field(60.0, gt=0, description="longest pause, unless the host's Retry-After asks more")
