@@ -21,7 +21,7 @@ from dextra.pipeline.shards import IMAGE_SCHEMA, URL_SCHEMA, read_table, shard_f
 from dextra.pipeline.stages import urls
 from tests.helpers.web import Web, encoded, loopback_only_env, project, static, write_csv
 
-N_IMAGES, N_MISSING, KILLS = 800, 40, 6
+N_IMAGES, N_MISSING, KILLS = 800, 40, 5
 
 
 def _slow(reply, delay_s: float = 0.03):
