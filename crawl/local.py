@@ -22,11 +22,10 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 import pyarrow as pa
 
-from dextra.crawl.urls import url_id
+from dextra.crawl.urls import url_id, url_table
 from dextra.pipeline.atomic import atomic_path
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.manifest import LocalSource
-from dextra.pipeline.shards import URL_SCHEMA
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 MAX_MEMBERS = 20_000_000
@@ -175,16 +174,6 @@ def list_images(folder: Path, source: LocalSource) -> tuple[pa.Table, dict]:
         if cls is None and source.class_from_folder and len(relative.parts) > 1:
             cls = relative.parts[0]
         rows.append((url_id(f"{source.name}/{name}"), resolved.as_uri(), text, cls or source.name, cls))
-    table = pa.table(
-        {
-            "url_id": [r[0] for r in rows],
-            "url": [r[1] for r in rows],
-            "text": [r[2] for r in rows],
-            "query": [r[3] for r in rows],
-            "class": [r[4] for r in rows],
-            "source": [source.name] * len(rows),
-        },
-        schema=URL_SCHEMA,
-    )
+    table = url_table(rows, source.name)
     captioned = sum(r[2] is not None for r in rows)
     return table, {"urls": len(rows), "captioned": captioned, "links_outside": outside, "hidden": hidden}

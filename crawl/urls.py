@@ -84,15 +84,12 @@ def build_list(source: UrlSource, path: Path, files_root: Path | None = None) ->
             duplicates += 1
             continue
         rows[key] = (url, text, query, cls)
-    table = pa.table(
-        {
-            "url_id": list(rows),
-            "url": [r[0] for r in rows.values()],
-            "text": [r[1] for r in rows.values()],
-            "query": [r[2] for r in rows.values()],
-            "class": [r[3] for r in rows.values()],
-            "source": [source.name] * len(rows),
-        },
-        schema=URL_SCHEMA,
-    )
+    table = url_table([(key, *row) for key, row in rows.items()], source.name)
     return table, {"urls": len(rows), "duplicates": duplicates, "empty": empty}
+
+
+def url_table(rows: list[tuple[str, str, str | None, str | None, str | None]], source: str) -> pa.Table:
+    """URL_SCHEMA rows of one source from (url_id, url, text, query, class) tuples."""
+    columns = list(zip(*rows)) if rows else [()] * 5
+    names = ("url_id", "url", "text", "query", "class")
+    return pa.table({**dict(zip(names, map(list, columns))), "source": [source] * len(rows)}, schema=URL_SCHEMA)

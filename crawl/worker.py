@@ -19,6 +19,7 @@ import functools
 import http.client
 import importlib
 import io
+import itertools
 import multiprocessing
 import os
 import socket
@@ -200,7 +201,7 @@ def fetch_bytes(
         if not rules.can_fetch(polite.user_agent_token, url):
             raise Failure(OPT_OUT, f"robots.txt disallows this URL for {polite.user_agent_token}")
         crawl_delay = float(rules.crawl_delay(polite.user_agent_token) or 0.0)
-    for attempt in range(polite.retries + 1):
+    for attempt in itertools.count():
         with hosts.turn(host, crawl_delay):
             try:
                 body = _get(url, policy, opener, timeout, user_agent_token, opt_out)
@@ -215,7 +216,6 @@ def fetch_bytes(
                 continue
         hosts.answered(host)
         return body
-    raise AssertionError("unreachable")
 
 
 def download_image(

@@ -42,20 +42,18 @@ def run(params: Params, paths: Paths) -> dict:
         paths.url_list(stem).unlink()
     paths.local_sources.mkdir(parents=True, exist_ok=True)  # a DVC output, even when no source is local
     unpacked = {s.name for s in manifest.sources if isinstance(s, LocalSource) and s.is_archive}
-    for folder in paths.local_sources.iterdir():
-        if folder.name in unpacked:
-            continue
-        if folder.is_dir():  # a source no longer in the manifest or no longer an archive, or a killed unpack
-            shutil.rmtree(folder)
-        else:
-            folder.unlink()
     keep = {
         paths.url_download(s.name, s.format).name for s in manifest.sources if not isinstance(s, LocalSource) and s.url
     }
-    # .tmp: writes cut short by a kill; downloads of sources no longer listed
-    for stale in (*paths.urls.glob(".*.tmp"), *paths.url_downloads.glob("*")):
-        if stale.name.removesuffix(".json").removesuffix(".part").removesuffix(".bad") in keep:
-            continue
+    # .tmp: writes cut short by a kill; downloads of sources no longer listed; unpacked archives of sources no
+    # longer in the manifest (or no longer archives), and unpacks cut short by a kill
+    downloads = [
+        p
+        for p in paths.url_downloads.glob("*")
+        if p.name.removesuffix(".json").removesuffix(".part").removesuffix(".bad") not in keep
+    ]
+    local = [p for p in paths.local_sources.iterdir() if p.name not in unpacked]
+    for stale in (*paths.urls.glob(".*.tmp"), *downloads, *local):
         if stale.is_dir():
             shutil.rmtree(stale)
         else:
