@@ -146,9 +146,7 @@ def download(
     )  # unique: a killed run's workers never write here
     todo = todo.take(pa.array(interleaved([host_of(u) for u in todo["url"].to_pylist()]), pa.int64()))
     write_table(todo, work / "input.parquet", URL_SCHEMA)
-    politeness = Politeness(
-        folder=str(work / "hosts"), user_agent_token=fetch.user_agent_token, **fetch.polite.model_dump()
-    )
+    politeness = Politeness.from_params(str(work / "hosts"), fetch)
     out = work / "out"
     sigint = signal.getsignal(signal.SIGINT)
     try:

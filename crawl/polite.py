@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from urllib.robotparser import RobotFileParser
 
 from dextra.pipeline.atomic import write_json
+from dextra.pipeline.params import FetchParams
 
 SLOT_POLL_S = 0.005
 STATE = struct.Struct("<dq")  # a host's state file: earliest time of its next request, 429/503 answers in a row
@@ -40,13 +41,17 @@ class Politeness:
     """fetch.polite, plus the run's folder for the shared state; small and picklable, it travels with the work."""
 
     folder: str
-    connections_per_host: int = 4
-    requests_per_second: float = 5.0
-    backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
-    retries: int = 2
-    robots_txt: bool = True
-    user_agent_token: str = "img2dataset"
+    connections_per_host: int
+    requests_per_second: float
+    backoff_s: float
+    max_backoff_s: float
+    retries: int
+    robots_txt: bool
+    user_agent_token: str
+
+    @classmethod
+    def from_params(cls, folder: str, fetch: FetchParams) -> Politeness:
+        return cls(folder=folder, user_agent_token=fetch.user_agent_token, **fetch.polite.model_dump())
 
 
 class RobotsFailure(Exception):

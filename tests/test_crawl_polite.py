@@ -16,7 +16,7 @@ from dextra.crawl.polite import Hosts, Politeness, interleaved
 from dextra.crawl.safety import Policy, build_opener
 from dextra.crawl.status import CRAWL_STATUS_SCHEMA
 from dextra.pipeline.errors import ParamsError
-from dextra.pipeline.params import parse_address_rule
+from dextra.pipeline.params import FetchParams, parse_address_rule
 from dextra.pipeline.shards import URL_SCHEMA, read_table
 from dextra.pipeline.stages import fetch, urls
 from tests.helpers.web import Web, encoded, project, send, static, write_csv
@@ -106,10 +106,10 @@ def _crawl(root, servers: list[Host], urls_listed: list[str], **fetch_params) ->
 def _fetch_directly(folder, host: Host, url: str, **polite) -> bytes | str:
     """One URL through the worker's fetch with politeness (no img2dataset run): the body, or the failure."""
     policy = Policy(schemes=frozenset({"http"}), allow=(parse_address_rule(host.web.allow),))
+    token = {"user_agent_token": polite.pop("user_agent_token")} if "user_agent_token" in polite else {}
+    hosts = Hosts(Politeness.from_params(str(folder), FetchParams(**token, polite=polite)))
     try:
-        return worker.fetch_bytes(
-            url, policy, build_opener(policy), 2.0, "img2dataset", set(), Hosts(Politeness(str(folder), **polite))
-        )
+        return worker.fetch_bytes(url, policy, build_opener(policy), 2.0, "img2dataset", set(), hosts)
     except worker.Failure as exc:
         return str(exc)
 
