@@ -76,6 +76,19 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     assert stages_run(dvc(tmp_path, "repro")) == ["report"]
 
+    # DVC's experiments, on a param that only the report reads; a curate param would make curate, and nothing
+    # before it or the seed-only baseline, out of date (what follows curate re-runs through its outputs).
+    assert stages_run(dvc(tmp_path, "exp", "run", "-S", "report.gallery_size=3")) == ["report"]
+    table = dvc(tmp_path, "exp", "show", "--md")
+    assert "report.gallery_size" in table and "clip_fd" in table
+    assert "clip_fd" in dvc(tmp_path, "metrics", "diff", "--all")
+    tried = params_dict(**{**SMALL, "curate": {**SMALL["curate"], "k_neighbors": 2}}, report={"gallery_size": 3})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tried, sort_keys=False))
+    assert set(json.loads(dvc(tmp_path, "status", "--json"))) == {"curate"}
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(params_dict(**SMALL, report={"gallery_size": 3}), sort_keys=False)
+    )
+
     # the seed-only baseline trains as long as pretrain + finetune, so both phases' steps are its params
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     assert {"pretrain.steps", "finetune.steps"} <= set(stages["baseline"]["params"])
@@ -99,11 +112,3 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
     assert stages_run(dvc(tmp_path, "repro", "embed")) == ["urls", "fetch", "embed"]
     waiting = json.loads(dvc(tmp_path, "status", "--json"))
     assert {"curate", "pretrain"} <= set(waiting) and not {"seed", "clip", "baseline"} & set(waiting)
-
-    # DVC's experiments: a curate param re-runs curate and what follows it, never what comes before or the baseline.
-    tried = stages_run(dvc(tmp_path, "exp", "run", "-S", "curate.k_neighbors=2"))
-    assert tried[0] == "curate" and not {"seed", "urls", "fetch", "clip", "embed", "baseline"} & set(tried)
-    assert {"report", "export", "pretrain"} <= set(tried)
-    table = dvc(tmp_path, "exp", "show", "--md")
-    assert "curate.k_neighbors" in table and "clip_fd" in table
-    assert "clip_fd" in dvc(tmp_path, "metrics", "diff", "--all")
