@@ -355,5 +355,5 @@ def test_the_clip_corpus_is_captioned_and_shares_no_digit_sample_with_seed_or_we
     assert set(seed_samples).isdisjoint(web_samples) and set(web_samples).isdisjoint(corpus_samples)
     assert set(seed_samples).isdisjoint(corpus_samples) and len(corpus_samples) > 100
     truth = pd.read_parquet(paths.demo_web / "truth.parquet")
-    drawn = {int(s.split(":")[1]) for s in truth["style"] if s.startswith("digits:")}
+    drawn = {int(s.split(":")[1]) for s in truth["style"] if s.startswith(("digits:", "placed:"))}
     assert drawn and drawn <= set(web_samples)

@@ -22,6 +22,7 @@ from dextra.pipeline.demo.draw import (
     WORDS,
     alt_text,
     compose,
+    digit_mask,
     draw_texture,
     encode,
     font_faces,
@@ -59,7 +60,7 @@ TRUTH_SCHEMA = pa.schema(
         pa.field("bg_texture", pa.string()),
         pa.field(
             "style", pa.string(), nullable=False
-        ),  # how it was drawn: font:<name>, digits:<index>, ood:<variant>, ...
+        ),  # how it was drawn: font:<name>, digits:<index> (framed), placed:<index>, ood:<variant>, ...
         pa.field("transform", pa.string()),  # leak and duplicate_near: the edits applied, in order
         pa.field("leak_of", pa.string()),  # seed test id
         pa.field("duplicate_of", pa.string()),  # url of the original
@@ -106,13 +107,22 @@ class _Web:
         self.text[index] = alt_text(rng, query, row["fg_color"], row["bg_color"], row["bg_texture"])
 
     def digit_image(self, rng: np.random.Generator, digit: str) -> tuple[np.ndarray, dict]:
+        """Half are pictures of a handwritten digit framed as the seed's are (a web search mostly finds pictures of
+        its subject), at the web's sizes and formats, from samples the seed never uses: what lets a generator
+        pretrained on the web learn shapes that carry over. The rest are placed and slanted handwriting and font
+        glyphs, the styles only a web-pretrained CLIP reads."""
         width, height = web_size(rng)
         fg, bg = COLOR_PAIRS[rng.integers(len(COLOR_PAIRS))]
         texture = WEB_TEXTURES[rng.integers(len(WEB_TEXTURES))]
         spare = self.spare[int(digit)]
-        if spare and rng.random() < 0.3:
+        choice = rng.random()
+        if spare and choice < 0.7:
             sample = spare[rng.integers(len(spare))]
-            mask, style = sample_mask(rng, digits()[0][sample], width, height), f"digits:{sample}"
+            if choice < 0.5:
+                width = height = min(width, height)
+                mask, style = digit_mask(digits()[0][sample], width), f"digits:{sample}"
+            else:
+                mask, style = sample_mask(rng, digits()[0][sample], width, height), f"placed:{sample}"
         else:
             face = font_faces()[rng.integers(len(font_faces()))]
             mask, style = glyph_mask(rng, digit, width, height, face), f"font:{face.removesuffix('.ttf')}"
