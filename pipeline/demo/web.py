@@ -118,11 +118,12 @@ class _Web:
         choice = rng.random()
         if spare and choice < 0.7:
             sample = spare[rng.integers(len(spare))]
+            handwritten = digits()[0][sample]
             if choice < 0.5:
                 width = height = min(width, height)
-                mask, style = digit_mask(digits()[0][sample], width), f"digits:{sample}"
+                mask, style = digit_mask(handwritten, width), f"digits:{sample}"
             else:
-                mask, style = sample_mask(rng, digits()[0][sample], width, height), f"placed:{sample}"
+                mask, style = sample_mask(rng, handwritten, width, height), f"placed:{sample}"
         else:
             face = font_faces()[rng.integers(len(font_faces()))]
             mask, style = glyph_mask(rng, digit, width, height, face), f"font:{face.removesuffix('.ttf')}"
