@@ -134,8 +134,28 @@ def rows_method_ablation(r: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+def rows_leak_recall(r: dict) -> list[tuple[str, str, str]]:
+    names = {"phash": "pHash crop banks (curate)", "structure_fixed": "structure maps, fixed threshold",
+             "structure_1pct_lookalikes": "structure maps, ≤1% look-alike alarms"}  # fmt: skip
+    rows = []
+    for name, d in r["detectors"].items():
+        recall = d["recall"]
+        threshold = r["structure_thresholds"].get(name)
+        rows.append(
+            (
+                f"leak recall: {names.get(name, name)}" + (f" ({threshold:.3f})" if threshold else ""),
+                f"min {min(recall.values()):.2f} / mean {sum(recall.values()) / len(recall):.2f}",
+                ", ".join(f"{f} {v:.2f}" for f, v in recall.items())
+                + f"; alarms on look-alikes {d['lookalike_false_alarm_rate']:.3f}, on train copies "
+                f"{d['train_copy_false_alarms']}",
+            )
+        )
+    return rows
+
+
 RENDERERS = {
     "method_ablation": rows_method_ablation,
+    "leak_recall": rows_leak_recall,
     "train": rows_train,
     "fetch": rows_fetch,
     "curation_quality": rows_curation_quality,
