@@ -25,7 +25,7 @@ from dextra.pipeline.stages import clip as clip_stage
 from dextra.train import checkpoint
 from dextra.train import data as data_module
 from dextra.train.data import DataStream, Encoding, load_extra, load_seed
-from dextra.train.metrics import ClipFeatures, clip_fd, clip_frechet, clip_score, inception_fid
+from dextra.train.metrics import ClipFeatures, clip_fd, clip_frechet, clip_score, inception_frechet
 from dextra.train.model import ConditionProjector, Denoiser, TokenConditioner, build_denoiser, load_vae
 from dextra.train.sampling import null_guidance, sample
 from dextra.train.trainer import make_accelerator
@@ -259,8 +259,8 @@ def random_inception_weights(path: Path) -> Path:
 def test_inception_fid_reads_local_weights_and_is_zero_for_same_set(tmp_path):
     weights = random_inception_weights(tmp_path / "inception.pth")
     images = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    same = inception_fid(weights, images, images, batch_size=12, device=torch.device("cpu"))
-    shifted = inception_fid(weights, images, images * 0.3, batch_size=12, device=torch.device("cpu"))
+    frechet = inception_frechet(weights, images, batch_size=12, device=torch.device("cpu"))  # as evaluate scores
+    same, shifted = frechet(images), frechet(images * 0.3)  # two image sets against one real set
     assert abs(same) < 1e-3 * max(1.0, shifted)
     assert shifted > 0 and shifted > 100 * abs(same)
 

@@ -74,12 +74,6 @@ def clip_fd(bundle: ClipBundle, real: torch.Tensor, generated: torch.Tensor, bat
     return clip_frechet(bundle, real, batch_size)(generated)
 
 
-def inception_fid(
-    weights: Path, real: torch.Tensor, generated: torch.Tensor, batch_size: int, device: torch.device
-) -> float:
-    return inception_frechet(weights, real, batch_size, device)(generated)
-
-
 def clip_score(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str], batch_size: int) -> float:
     texts = torch.from_numpy(bundle.encode_texts(list(captions)))
     pixels = torch.cat([bundle.encode_pixels(chunk).float().cpu() for chunk in images.split(batch_size)])
