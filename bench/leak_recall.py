@@ -4,7 +4,7 @@ the structure-map detector (filter/copies.py), measured in the same run.
 
     python bench/leak_recall.py [--root .] [--per-family 40] [--small]
 
-Every copy is stored as fetch stores it (shortest side fetch.image_size, OpenCV's area resize, as img2dataset).
+Every copy is stored as fetch stores it: img2dataset's Resizer with the fetch params (size, mode, format, quality).
 Also scored: altered copies of seed *train* images (a leak detector must not call those leaks of a test image) and
 look-alikes (a new handwritten sample of the same digit in the same colours on the same background, which is not a
 copy). For the structure maps, recall is given at the threshold that keeps look-alike false alarms at or below 1%,
@@ -19,17 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
+from img2dataset.resizer import Resizer
 from PIL import Image
 
 from dextra.filter.copies import CopyIndex
 from dextra.filter.dedup import LeakBank, phash
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.demo.alterations import FAMILIES, alter
-from dextra.pipeline.demo.draw import compose, digit_mask, draw_texture
-from dextra.pipeline.demo.seed import digits, seed_images, seed_order
-from dextra.pipeline.params import load_params
+from dextra.pipeline.demo.draw import compose, digit_mask, draw_texture, encode
+from dextra.pipeline.demo.seed import SeedImage, digits, seed_images, seed_order
+from dextra.pipeline.params import Params, load_params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import read_table
 
@@ -37,36 +37,32 @@ FIXED_THRESHOLD = 0.92
 MAX_LOOKALIKE_ALARMS = 0.01
 
 
-def stored(pixels: np.ndarray, side: int) -> np.ndarray:
-    h, w = pixels.shape[:2]
-    scale = side / min(h, w)
-    return cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def candidates(root: Paths, per_family: int, n_train: int) -> tuple[list[tuple[str, str, str, np.ndarray]], dict]:
-    """(kind, family, source id, stored pixels) for every copy, train copy and look-alike; and the seed images."""
-    params = load_params(root.root / "params.yaml")
+def candidates(
+    root: Paths, params: Params, per_family: int, n_train: int
+) -> tuple[list[tuple[str, str, str, bytes]], dict[str, SeedImage], list[str]]:
+    """(kind, family, source id, stored image) for every copy, train copy and look-alike; the seed images by id; and
+    the seed test ids."""
     seed = {s.id: s for s in seed_images(params)}
     test_ids = read_table(root.seed_split("test"), columns=["id"]).column("id").to_pylist()
     train_ids = sorted(set(seed) - set(test_ids))
-    side = params.fetch.image_size
+    fetch = params.fetch
+    resizer = Resizer(fetch.image_size, fetch.resize_mode, False, encode_format=fetch.encode_format,
+                      encode_quality=fetch.encode_quality)  # fmt: skip
+
+    def stored(pixels: np.ndarray) -> bytes:
+        return resizer(io.BytesIO(encode(pixels, "png")))[0]
+
     rows = []
     for f, family in enumerate(FAMILIES):
         for k in range(per_family):
             rng = np.random.default_rng([params.seed, 20, f, k])
             source = test_ids[int(rng.integers(len(test_ids)))]
-            rows.append(("copy", family, source, stored(alter(seed[source].pixels, family, rng)[0], side)))
+            rows.append(("copy", family, source, stored(alter(seed[source].pixels, family, rng)[0])))
     for k in range(n_train):
         rng = np.random.default_rng([params.seed, 21, k])
         source = train_ids[int(rng.integers(len(train_ids)))]
         family = FAMILIES[int(rng.integers(len(FAMILIES)))]
-        rows.append(("train_copy", family, source, stored(alter(seed[source].pixels, family, rng)[0], side)))
+        rows.append(("train_copy", family, source, stored(alter(seed[source].pixels, family, rng)[0])))
     images, target = digits()
     _, web_samples, corpus_samples = seed_order(params)
     unused = web_samples + corpus_samples
@@ -75,8 +71,8 @@ def candidates(root: Paths, per_family: int, n_train: int) -> tuple[list[tuple[s
         same_digit = [i for i in unused if str(target[i]) == image.digit]
         mask = digit_mask(images[same_digit[int(rng.integers(len(same_digit)))]], image.pixels.shape[0])
         pixels = compose(mask, image.fg, draw_texture(image.texture, image.bg, *image.pixels.shape[:2], rng))
-        rows.append(("lookalike", "", test_id, stored(pixels, side)))
-    return rows, {"seed": seed, "test_ids": test_ids}
+        rows.append(("lookalike", "", test_id, stored(pixels)))
+    return rows, seed, test_ids
 
 
 def recall_by_family(hit: np.ndarray, kinds: np.ndarray, families: np.ndarray) -> dict[str, float]:
@@ -91,18 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Paths(Path(args.root).resolve())
     per_family = 3 if args.small else args.per_family
-    rows, seed = candidates(root, per_family, 10 if args.small else 60)
-    test_ids, images = seed["test_ids"], seed["seed"]
+    params = load_params(root.root / "params.yaml")
+    rows, images, test_ids = candidates(root, params, per_family, 10 if args.small else 60)
+    max_distance = params.curate.leak_hash_distance
     kinds = np.array([r[0] for r in rows])
     families = np.array([r[1] for r in rows])
     sources = np.array([r[2] for r in rows])
-    pictures = [r[3] for r in rows]
+    pictures = [np.asarray(Image.open(io.BytesIO(r[3])).convert("RGB")) for r in rows]
 
     start = time.perf_counter()
     bank = LeakBank(test_ids, [images[i].png for i in test_ids])
     index_s = {"phash": time.perf_counter() - start}
     start = time.perf_counter()
-    closest, matched = bank.matches([phash(png(p)) for p in pictures], 8)
+    closest, matched = bank.matches([phash(r[3]) for r in rows], max_distance)
     per_image_s = {"phash": (time.perf_counter() - start) / len(rows)}
     start = time.perf_counter()
     index = CopyIndex(test_ids, [images[i].pixels for i in test_ids])
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = {"structure_fixed": FIXED_THRESHOLD, "structure_1pct_lookalikes": strict}
     detectors = {"phash": np.array([row_of.get(s, -1) in m for s, m in zip(sources, matched)])}
     detectors.update({name: (scores >= t) & right_owner for name, t in thresholds.items()})
-    alarms = {"phash": closest <= 8, **{name: scores >= t for name, t in thresholds.items()}}
+    alarms = {"phash": closest <= max_distance, **{name: scores >= t for name, t in thresholds.items()}}
     result = {"copies_per_family": per_family, "structure_thresholds": thresholds, "detectors": {}}
     for name, hit in detectors.items():
         result["detectors"][name] = {

@@ -54,8 +54,8 @@ def reference_views(pixels: np.ndarray) -> np.ndarray:
     maps = []
     h, w = pixels.shape[:2]
     windows = {
-        (round((h - round(h * sy)) * py), round((w - round(w * sx)) * px), round(h * sy), round(w * sx))
-        for sy, sx in zip(CROP_SIDES, CROP_SIDES)
+        (round((h - round(h * side)) * py), round((w - round(w * side)) * px), round(h * side), round(w * side))
+        for side in CROP_SIDES
         for py in CROP_POSITIONS
         for px in CROP_POSITIONS
     }

@@ -1,6 +1,6 @@
 """The kinds of copy the web makes of a picture: crops, rotations and mirroring, padding and letterboxing, caption
-bars and overlays, heavy recompression, blur and rescaling, colour changes, and mixes of them. The demo's web leaks
-are drawn from these families, and bench/leak_recall.py measures the copy detector on each."""
+bars and overlays, heavy recompression, blur and rescaling, colour changes, and mixes of them. bench/leak_recall.py
+measures the leak detectors on each family (the demo web's own leaks still use web.py's milder edits)."""
 
 from __future__ import annotations
 
