@@ -287,15 +287,28 @@ class DiTParams(_Section):
     attention_head_dim: int = Field(16, ge=4, le=256)
 
 
+class RATParams(_Section):
+    """train/rat.py: a DiT whose blocks are grouped; an LSTM cell stepped once per group on the text embedding gives
+    each group's scale and shift (the paper's recurrent affine text injection)."""
+
+    patch_size: int = Field(2, ge=1, le=16)
+    num_groups: int = Field(2, ge=1, le=64, description="block groups, one recurrent step each")
+    blocks_per_group: int = Field(2, ge=1, le=64)
+    num_attention_heads: int = Field(4, ge=1, le=64)
+    attention_head_dim: int = Field(16, ge=4, le=256)
+    recurrent_dim: int = Field(128, ge=8, le=8192, description="LSTM hidden size")
+
+
 class TrainParams(_Section):
     """Shared by pretrain and finetune (finetune takes backbone, conditioning and VAE from the pretrained model)."""
 
     resolution: int = Field(16, ge=8, le=1024, description="training image side in pixels (before the VAE, if any)")
     batch_size: int = Field(32, ge=1, le=65_536, description="images per process per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    backbone: Literal["unet", "dit"] = "unet"
+    backbone: Literal["unet", "dit", "rat"] = "unet"
     unet: UNetParams = UNetParams()
     dit: DiTParams = DiTParams()
+    rat: RATParams = RATParams()
     vae: str | None = Field(
         None,
         description=(
@@ -360,6 +373,11 @@ class TrainParams(_Section):
             raise ValueError(
                 "unet.text_injection: affine takes one embedding per image (conditioning: pooled or image), not "
                 "per-token states; use cross_attention with conditioning: tokens"
+            )
+        if self.backbone == "rat" and self.conditioning == "tokens":
+            raise ValueError(
+                "backbone: rat reads one sentence embedding per image (conditioning: pooled or image), not per-token "
+                "states; use unet or dit with conditioning: tokens"
             )
         return self
 

@@ -27,6 +27,7 @@ from dextra.train import data as data_module
 from dextra.train.data import DataStream, Encoding, load_extra, load_seed
 from dextra.train.metrics import ClipFeatures, clip_fd, clip_frechet, clip_score, inception_frechet
 from dextra.train.model import ConditionProjector, Denoiser, TokenConditioner, build_denoiser, load_vae
+from dextra.train.rat import RATTransformer2DModel
 from dextra.train.sampling import null_guidance, sample
 from dextra.train.trainer import make_accelerator
 from tests.helpers.train import (
@@ -320,6 +321,37 @@ def test_tokens_conditioning_runs_clip_text_transformer(tmp_path, trainable):
     assert math.isfinite(json.loads((paths.metrics / "eval.json").read_text())["clip_fd"])
 
 
+def test_rat_backbone_trains_samples_and_its_text_drives_every_block_group(tmp_path):
+    """The recurrent affine DiT: saved under rat/, loaded back, sampled; a different caption embedding changes the
+    scale and shift of every block group, and each group's modulation depends on the groups before it."""
+    paths = Paths(tmp_path)
+    write_all(paths)
+    params = make_params(train=dict(backbone="rat", rat=dict(num_groups=3, blocks_per_group=1)), pretrain=dict(steps=3))
+    pretrain.run(params, paths)
+    model = Denoiser.load(paths.model("pretrain")).eval()
+    assert (
+        isinstance(model.backbone, RATTransformer2DModel) and (paths.model("pretrain") / "rat" / "config.json").exists()
+    )
+    rng = np.random.default_rng(0)
+    text, other = (torch.from_numpy(unit(rng, 2)) for _ in range(2))
+    with torch.no_grad():
+        affine = model.backbone.text_affine
+        ours, theirs = (affine(model.condition(c).flatten(1)) for c in (text, other))
+        assert len(ours) == 3
+        for (scale, shift), (other_scale, other_shift) in zip(ours, theirs, strict=True):
+            assert not torch.allclose(scale, other_scale) and not torch.allclose(shift, other_shift)
+        # the cell's state carries over: group 2 read from a fresh state would get group 1's modulation
+        first_step_again = affine.heads[1](affine.cell(model.condition(text).flatten(1))[0])
+        assert not torch.allclose(first_step_again.chunk(2, -1)[0], ours[1][0].squeeze(1))
+        x, t = torch.randn(2, 3, 16, 16), torch.tensor(500)
+        assert not torch.equal(model(x, t, text), model(x, t, other))  # trained gates let the text through
+    scheduler = DDIMScheduler.from_pretrained(paths.model("pretrain") / "scheduler")
+    images = sample(model, scheduler, text, 2, 3.0, torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    finetune.run(params, paths)  # finetune takes the backbone from the pretrained model
+    assert isinstance(Denoiser.load(paths.model("finetune")).backbone, RATTransformer2DModel)
+
+
 def test_dit_backbone_trains_and_samples(tmp_path):
     paths = Paths(tmp_path)
     write_curated(paths)
@@ -597,6 +629,8 @@ def test_precision_is_fp32_on_cpu_and_bf16_can_be_asked_for(tmp_path):
         (dict(dit=dict(patch_size=0)), "train.dit.patch_size"),
         (dict(monitor_samples=1), "train.monitor_samples"),
         (dict(conditioning="tokens", unet=dict(text_injection="affine")), "unet.text_injection"),
+        (dict(conditioning="tokens", backbone="rat"), "backbone: rat reads one sentence embedding"),
+        (dict(rat=dict(num_groups=0)), "train.rat.num_groups"),
     ],
 )
 def test_bad_params_name_the_field(train, field):
@@ -608,6 +642,7 @@ def test_bad_params_name_the_field(train, field):
     "train, field",
     [
         (dict(backbone="dit", dit=dict(patch_size=3)), "train.dit.patch_size"),
+        (dict(backbone="rat", rat=dict(patch_size=3)), "train.rat.patch_size"),
         (dict(resolution=18, unet=dict(block_out_channels=[32, 32, 32])), "train.resolution"),
         (dict(vae="/nonexistent/vae"), "train.vae"),
     ],

@@ -1,5 +1,6 @@
-"""The denoiser: a diffusers backbone (UNet2DConditionModel, or a DiT: diffusers' PixArtTransformer2DModel) and the
-conditioner that turns a condition into the tokens the backbone cross-attends to.
+"""The denoiser: a diffusers backbone (UNet2DConditionModel; a DiT, diffusers' PixArtTransformer2DModel; or the
+paper's recurrent affine DiT, train/rat.py) and the conditioner that turns a condition into the tokens the backbone
+reads.
 
 Conditioning (train.conditioning):
 - `pooled`, the paper's: one CLIP text embedding per image (a seed caption's, or the extrapolated one of a web image),
@@ -29,8 +30,10 @@ from torch import nn
 from dextra.filter.clip import MODEL_INFO, load_clip
 from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.params import TrainParams
+from dextra.train.rat import RATTransformer2DModel
 
-BACKBONES = {"unet": UNet2DConditionModel, "transformer": PixArtTransformer2DModel}  # save folder -> class
+# save folder -> class
+BACKBONES = {"unet": UNet2DConditionModel, "transformer": PixArtTransformer2DModel, "rat": RATTransformer2DModel}
 
 
 class ConditionProjector(ModelMixin, ConfigMixin):
@@ -114,7 +117,7 @@ class Denoiser(nn.Module):
 
     def __init__(
         self,
-        backbone: UNet2DConditionModel | PixArtTransformer2DModel,
+        backbone: UNet2DConditionModel | PixArtTransformer2DModel | RATTransformer2DModel,
         condition: ConditionProjector | TokenConditioner,
     ):
         super().__init__()
@@ -130,6 +133,8 @@ class Denoiser(nn.Module):
             if self.backbone.config.class_embed_type == "projection":  # train.unet.text_injection: affine
                 return self.backbone(sample, timesteps, None, class_labels=tokens.flatten(1)).sample
             return self.backbone(sample, timesteps, encoder_hidden_states=tokens).sample
+        if isinstance(self.backbone, RATTransformer2DModel):  # one sentence embedding per image
+            return self.backbone(sample, timesteps, tokens.flatten(1))
         return self.backbone(sample, encoder_hidden_states=tokens, timestep=timesteps).sample
 
     @property
@@ -155,7 +160,7 @@ class Denoiser(nn.Module):
             self.condition.text.requires_grad_(enabled)
 
     def save(self, folder: Path) -> None:
-        subfolder = "unet" if isinstance(self.backbone, UNet2DConditionModel) else "transformer"
+        subfolder = next(name for name, kind in BACKBONES.items() if isinstance(self.backbone, kind))
         self.backbone.save_pretrained(folder / subfolder)
         self.condition.save_pretrained(folder / "condition")
 
@@ -165,7 +170,7 @@ class Denoiser(nn.Module):
         config = folder / "condition" / "config.json"
         if not saved or not config.exists():
             raise InputError(
-                f"{folder}: no saved model (unet/ or transformer/, and condition/config.json); "
+                f"{folder}: no saved model (unet/, transformer/ or rat/, and condition/config.json); "
                 f"run `dextra {folder.name}` first"
             )
         conditioner = CONDITIONERS[json.loads(config.read_text())["_class_name"]]
@@ -252,6 +257,25 @@ def build_denoiser(
             backbone = UNet2DConditionModel(
                 **common, down_block_types=down, up_block_types=[name.replace("Down", "Up") for name in reversed(down)]
             )
+    elif cfg.backbone == "rat":
+        rat = cfg.rat
+        if size % rat.patch_size:
+            raise ParamsError(
+                f"train.rat.patch_size: {rat.patch_size} does not divide the {size}-wide input "
+                "(train.resolution, after the VAE if any)"
+            )
+        backbone = RATTransformer2DModel(
+            sample_size=size,
+            patch_size=rat.patch_size,
+            in_channels=channels,
+            out_channels=channels,
+            width=rat.num_attention_heads * rat.attention_head_dim,
+            num_attention_heads=rat.num_attention_heads,
+            num_groups=rat.num_groups,
+            blocks_per_group=rat.blocks_per_group,
+            text_dim=condition.config.tokens * cfg.cross_attention_dim,
+            recurrent_dim=rat.recurrent_dim,
+        )
     else:
         dit = cfg.dit
         if size % dit.patch_size:
