@@ -129,7 +129,7 @@ class _Committer:
 
 def check_distributor(fetch: FetchParams) -> None:
     """img2dataset's ray distributor silently does nothing when ray is missing: refuse up front instead."""
-    install = {"pyspark": "pip install -e '.[spark]'", "ray": "pip install ray"}.get(fetch.distributor)
+    install = {"pyspark": "pip install -e '.[spark]'", "ray": "pip install -e '.[ray]'"}.get(fetch.distributor)
     if install and importlib.util.find_spec(fetch.distributor) is None:
         raise ParamsError(f"fetch.distributor: {fetch.distributor} is not installed ({install})")
     if fetch.distributor == "pyspark":

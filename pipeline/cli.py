@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+TRAINING_STAGES = ("pretrain", "finetune", "baseline")
+
+
+def launched(args: argparse.Namespace, params) -> int | None:
+    """With train.num_processes > 1, run this training stage under `accelerate launch` and return its exit code, so
+    `dvc repro` trains on several GPUs with dvc.yaml's cmd unchanged; None where this process trains by itself (one
+    process, or already a worker of a launch, which sets LOCAL_RANK)."""
+    train = params.train
+    if args.stage not in TRAINING_STAGES or train.num_processes == 1 or "LOCAL_RANK" in os.environ:
+        return None
+    machines = ["--num_machines", str(train.num_machines), "--machine_rank", str(train.machine_rank)]
+    if train.num_machines > 1:
+        machines += ["--main_process_ip", train.main_process_ip]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(train.num_processes),
+        *machines, "--main_process_port", str(train.main_process_port), "--dynamo_backend", "no",
+        "--mixed_precision", "no",  # the trainer's Accelerator sets train.mixed_precision itself
+        "-m", "dextra.pipeline.cli", args.stage, "--root", args.root, "--params", args.params,
+    ]  # fmt: skip
+    return subprocess.run(command).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dextra",
@@ -107,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params)
+        code = launched(args, params)
+        if code is not None:
+            return code
         module = importlib.import_module({**STAGES, **COMMANDS}[args.stage][0])
         started = time.perf_counter()
         summary = module.run(params, Paths(Path(args.root)))

@@ -330,6 +330,17 @@ class TrainParams(_Section):
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
     )
     compile: bool = Field(False, description="torch.compile the denoiser")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        le=65_536,
+        description="training processes on all machines together; above 1 the training stages start themselves "
+        "under `accelerate launch` (one process per GPU; gloo on CPU)",
+    )
+    num_machines: int = Field(1, ge=1, le=4096)
+    machine_rank: int = Field(0, ge=0, description="0 runs `dvc repro`; machine r runs `dextra <stage>` with r")
+    main_process_ip: str | None = Field(None, description="address of machine 0, when num_machines > 1")
+    main_process_port: int = Field(29500, ge=1, le=65_535)
     deterministic: bool = Field(False, description="deterministic kernels (torch.use_deterministic_algorithms)")
     checkpoint_every: int = Field(250, ge=1, description="optimizer steps between checkpoints in checkpoints/<phase>/")
     checkpoints_kept: int = Field(2, ge=1, le=1000)
@@ -374,6 +385,13 @@ class TrainParams(_Section):
                 "unet.text_injection: affine takes one embedding per image (conditioning: pooled or image), not "
                 "per-token states; use cross_attention with conditioning: tokens"
             )
+        if self.num_processes % self.num_machines or self.machine_rank >= self.num_machines:
+            raise ValueError(
+                f"num_processes ({self.num_processes}) must be a multiple of num_machines ({self.num_machines}), "
+                f"and machine_rank ({self.machine_rank}) below it"
+            )
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("main_process_ip: machines 1 and up need the address of machine 0 (num_machines > 1)")
         if self.backbone == "rat" and self.conditioning == "tokens":
             raise ValueError(
                 "backbone: rat reads one sentence embedding per image (conditioning: pooled or image), not per-token "

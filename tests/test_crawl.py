@@ -314,15 +314,17 @@ def test_a_second_fetch_on_the_same_folder_is_refused(crawled, web):
             fetch.run(params, paths)
 
 
-def test_fetch_params_are_checked(tmp_path):
+def test_fetch_params_are_checked(tmp_path, monkeypatch):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["fetch"].update(distributor="dask")
     with pytest.raises(ParamsError, match="fetch.distributor"):
         parse_params(raw)
-    if importlib.util.find_spec("ray") is None:  # img2dataset would silently fetch nothing
-        params, paths = project(tmp_path, [], distributor="ray")
-        with pytest.raises(ParamsError, match=r"^fetch\.distributor: ray is not installed \(pip install ray\)$"):
-            fetch.run(params, paths)
+    # where ray is not installed, img2dataset would silently fetch nothing
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    params, paths = project(tmp_path, [], distributor="ray")
+    with pytest.raises(ParamsError, match=r"^fetch\.distributor: ray is not installed \(pip install -e '\.\[ray\]'\)$"):
+        fetch.run(params, paths)
 
 
 def test_a_damaged_or_lost_crawl_shard_sends_only_its_urls_back_to_fetch(tmp_path, web, capsys):

@@ -1,5 +1,6 @@
-"""fetch.distributor: pyspark in local mode gets the multiprocessing result, the guard included (it runs in the
-Spark executors' Python workers). Needs `pip install -e ".[spark]"` and Java 17; skipped without pyspark."""
+"""fetch.distributor: pyspark in local mode and ray on a local cluster get the multiprocessing result, the guard
+included (it runs in the Spark executors' Python workers and in the Ray workers). Needs `pip install -e ".[spark]"`
+and Java 17, and `pip install -e ".[ray]"`; each is skipped without its library."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from dextra.crawl.status import read_status
 from dextra.pipeline.shards import IMAGE_SCHEMA, URL_SCHEMA, read_table, shard_files
 from dextra.pipeline.stages import urls
 from tests.helpers.web import Web, encoded, loopback_only_env, png_bomb, project, redirect, static, write_csv
-
-pytest.importorskip("pyspark")
 
 
 def _crawl(root, web: Web, distributor: str, env: dict) -> dict:
@@ -58,29 +57,43 @@ def _crawl(root, web: Web, distributor: str, env: dict) -> dict:
     }
 
 
-@pytest.mark.slow
-def test_pyspark_local_mode_gets_the_multiprocessing_result(tmp_path):
-    web = Web()
-    web.routes.update(
+ODD_ROUTES = {
+    "/to-private": redirect("http://10.1.2.3/x.jpg"),
+    "/to-file": redirect("file:///etc/passwd"),
+    "/chain": redirect("/img/0.jpg"),
+    "/bomb.png": static(png_bomb(), Content_Type="image/png"),
+    "/noai.jpg": static(b"", X_Robots_Tag="noai"),
+}
+
+
+@pytest.fixture(scope="module")
+def web():
+    served = Web()
+    served.routes.update(
         {f"/img/{i}.jpg": static(encoded(Image.new("RGB", (30 + i, 20), (20 * i, 0, 0)), "JPEG")) for i in range(12)}
     )
-    web.routes.update(
-        {
-            "/to-private": redirect("http://10.1.2.3/x.jpg"),
-            "/to-file": redirect("file:///etc/passwd"),
-            "/chain": redirect("/img/0.jpg"),
-            "/bomb.png": static(png_bomb(), Content_Type="image/png"),
-            "/noai.jpg": static(b"", X_Robots_Tag="noai"),
-        }
-    )
-    env = {**loopback_only_env(tmp_path / "guard"), "SPARK_LOCAL_IP": "127.0.0.1"}
-    try:
-        expected = _crawl(tmp_path / "multiprocessing", web, "multiprocessing", env)
-        spark = _crawl(tmp_path / "pyspark", web, "pyspark", env)
-    finally:
-        web.close()
-    assert spark == expected
-    outcomes = {url.rsplit("/", 1)[-1]: status for url, (status, _, _) in spark.items()}
+    served.routes.update(ODD_ROUTES)
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {**loopback_only_env(tmp_path_factory.mktemp("guard")), "SPARK_LOCAL_IP": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def expected(web, env, tmp_path_factory):
+    return _crawl(tmp_path_factory.mktemp("multiprocessing"), web, "multiprocessing", env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distributor", ["pyspark", "ray"])
+def test_a_distributor_gets_the_multiprocessing_result(distributor, web, env, expected, tmp_path):
+    pytest.importorskip(distributor)
+    got = _crawl(tmp_path, web, distributor, env)
+    assert got == expected
+    outcomes = {url.rsplit("/", 1)[-1]: status for url, (status, _, _) in got.items()}
     assert [outcomes[k] for k in ("to-private", "to-file", "hostname", "noai.jpg", "bomb.png", "chain")] == [
         "refused",
         "refused",
@@ -89,4 +102,4 @@ def test_pyspark_local_mode_gets_the_multiprocessing_result(tmp_path):
         "error",
         "ok",
     ]
-    assert sum(status == "ok" for status, _, _ in spark.values()) == 13
+    assert sum(status == "ok" for status, _, _ in got.values()) == 13

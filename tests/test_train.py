@@ -631,6 +631,8 @@ def test_precision_is_fp32_on_cpu_and_bf16_can_be_asked_for(tmp_path):
         (dict(conditioning="tokens", unet=dict(text_injection="affine")), "unet.text_injection"),
         (dict(conditioning="tokens", backbone="rat"), "backbone: rat reads one sentence embedding"),
         (dict(rat=dict(num_groups=0)), "train.rat.num_groups"),
+        (dict(num_processes=3, num_machines=2, main_process_ip="127.0.0.1"), "must be a multiple of num_machines"),
+        (dict(num_processes=4, num_machines=2), "main_process_ip: machines 1 and up"),
     ],
 )
 def test_bad_params_name_the_field(train, field):

@@ -115,6 +115,24 @@ def test_killed_dvc_repro_resumes_with_the_same_losses(tmp_path):
     assert "up to date" in status, status
 
 
+@pytest.mark.slow
+def test_dvc_repro_starts_the_processes_that_train_num_processes_asks_for(tmp_path):
+    """dvc.yaml's cmd stays `dextra pretrain`: the stage starts `accelerate launch` itself (gloo on CPU)."""
+    steps, batch = 4, 4
+    params = make_params(
+        device="cpu",
+        train=dict(batch_size=batch, num_processes=2, checkpoint_every=steps, grid_samples=0),
+        pretrain=dict(steps=steps),
+    )
+    root = project(tmp_path / "project", params)
+    done = summary(dvc_repro(root))
+    assert done["processes"] == 2 and done["steps"] == steps
+    last = checkpoint.saved(Paths(root).checkpoints("pretrain"))[-1]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in last.iterdir()}
+    assert checkpoint.read_progress(last).position == steps * 2 * batch  # each step drew a batch per process
+    assert "Running stage" not in dvc_repro(root)
+
+
 WORKER = """
 import json, os, sys
 from pathlib import Path
