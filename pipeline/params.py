@@ -305,7 +305,7 @@ class TrainParams(_Section):
     resolution: int = Field(16, ge=8, le=1024, description="training image side in pixels (before the VAE, if any)")
     batch_size: int = Field(32, ge=1, le=65_536, description="images per process per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    backbone: Literal["unet", "dit", "rat"] = "unet"
+    backbone: Literal["unet", "dit", "rat"] = "rat"
     unet: UNetParams = UNetParams()
     dit: DiTParams = DiTParams()
     rat: RATParams = RATParams()

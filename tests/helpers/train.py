@@ -27,6 +27,7 @@ SMALL_TRAINING = {
     "train": {
         "resolution": 16,
         "batch_size": 8,
+        "backbone": "unet",  # rat (the demo's) and dit are tested by name
         "unet": {"block_out_channels": [32, 32], "layers_per_block": 1, "attention_head_dim": 8},
         "dit": {"patch_size": 2, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16},
         "cross_attention_dim": 32,
