@@ -80,15 +80,16 @@ def _register_config(model: str, search: Path) -> None:
         open_clip.add_model_config(config)
 
 
-def create(model: str, pretrained: str | None, device: torch.device) -> ClipBundle:
-    """Build an open_clip model by name; `pretrained` is an open_clip tag or a local checkpoint path."""
+def create(model: str, pretrained: str | None, device: torch.device, fields: str = "clip.") -> ClipBundle:
+    """Build an open_clip model by name; `pretrained` is an open_clip tag or a local checkpoint path. Errors name
+    `fields` + model / pretrained, the params they came from."""
     _register_config(model, BUNDLED_CONFIGS)
     if open_clip.get_model_config(model) is None:
-        raise ParamsError(f"clip.model: {model!r} is neither an open_clip model nor a config in {BUNDLED_CONFIGS}")
+        raise ParamsError(f"{fields}model: {model!r} is neither an open_clip model nor a config in {BUNDLED_CONFIGS}")
     try:
         clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
     except RuntimeError as exc:
-        raise ParamsError(f"clip.pretrained: cannot load {pretrained!r} for {model} ({exc})") from None
+        raise ParamsError(f"{fields}pretrained: cannot load {pretrained!r} for {model} ({exc})") from None
     visual = clip_model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
     return ClipBundle(

@@ -428,7 +428,19 @@ class EvaluateParams(_Section):
         True, description="also train a seed-only model (the `baseline` stage) and score it beside pretrain→finetune"
     )
     inception_weights: str | None = Field(
-        None, description="local torch-fidelity Inception-v3 weights file; adds the standard FID to metrics/eval.json"
+        None,
+        description="local torch-fidelity Inception-v3 weights file; adds the standard FID and Inception Score",
+    )
+    finetuned_inception: str | None = Field(
+        None,
+        description="local state dict of a torchvision Inception-v3 fine-tuned on the dataset's classes (the "
+        "StackGAN / AttnGAN evaluator of CUB and Oxford); adds its FID and Inception Score",
+    )
+    clipscore_model: str | None = Field(
+        None, description="open_clip model for clipscore (CLIPScore, w = 2.5); null: the clip stage's model"
+    )
+    clipscore_pretrained: str | None = Field(
+        None, description="clipscore_model's weights: a local checkpoint path or an open_clip tag already cached"
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
 from PIL import Image
@@ -25,7 +26,15 @@ from dextra.pipeline.stages import clip as clip_stage
 from dextra.train import checkpoint
 from dextra.train import data as data_module
 from dextra.train.data import DataStream, Encoding, load_extra, load_seed
-from dextra.train.metrics import ClipFeatures, clip_fd, clip_frechet, clip_score, inception_frechet
+from dextra.train.metrics import (
+    ClipFeatures,
+    FinetunedInception,
+    clip_fd,
+    clip_frechet,
+    clip_score,
+    finetuned_inception_score,
+    inception_frechet,
+)
 from dextra.train.model import ConditionProjector, Denoiser, TokenConditioner, build_denoiser, load_vae
 from dextra.train.rat import RATTransformer2DModel
 from dextra.train.sampling import null_guidance, sample
@@ -266,16 +275,54 @@ def test_inception_fid_reads_local_weights_and_is_zero_for_same_set(tmp_path):
     assert shifted > 0 and shifted > 100 * abs(same)
 
 
-def test_evaluate_adds_fid_with_local_inception_weights(chain, tmp_path):
+def finetuned_inception(path: Path, classes: int) -> Path:
+    """A torchvision Inception-v3 for `classes` classes with random weights, saved as a fine-tuned one would be."""
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, num_classes=classes)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_a_finetuned_inception_reads_its_class_count_and_scores_like_an_inception(tmp_path):
+    weights = finetuned_inception(tmp_path / "cub.pth", classes=7)
+    assert FinetunedInception(weights, "logits").num_classes == 7
+    images = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert 1.0 <= finetuned_inception_score(weights, 10, torch.device("cpu"))(images) <= 7.0  # FID: the test below
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="evaluate.finetuned_inception: cannot read .*junk.pth"):
+        FinetunedInception(tmp_path / "junk.pth", "pool")
+    torch.save({"fc.weight": torch.zeros(3, 2048), "conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(InputError, match="does not fit torchvision's Inception-v3"):
+        FinetunedInception(tmp_path / "other.pth", "pool")
+
+
+def test_evaluate_adds_the_papers_metrics_from_local_weights(chain, tmp_path):
+    """FID and Inception Score from torch-fidelity's weights and from a fine-tuned Inception saved here, and
+    CLIPScore (w = 2.5) with an open_clip model given by name and local checkpoint."""
     paths, _, _ = chain
     other = Paths(tmp_path / "root")
     for part in ("models", "data"):
         shutil.copytree(paths.root / part, other.root / part)
     random_inception_weights(other.root / "inception.pth")
-    result = evaluate.run(make_params(evaluate=dict(num_samples=4, inception_weights="inception.pth")), other)
-    assert math.isfinite(result["fid"]) and result["fid"] >= 0
+    finetuned_inception(other.root / "finetuned.pth", classes=5)
+    clip_name = json.loads((other.clip / "model.json").read_text())["model"]
+    evaluated = dict(
+        num_samples=4,
+        inception_weights="inception.pth",
+        finetuned_inception="finetuned.pth",
+        clipscore_model=clip_name,
+        clipscore_pretrained=str(other.clip / "checkpoint.pt"),
+    )
+    result = evaluate.run(make_params(evaluate=evaluated), other)
+    assert math.isfinite(result["fid"]) and result["fid"] >= 0 and result["fid_finetuned"] >= 0
+    assert 1.0 <= result["inception_score"] <= 1008 and 1.0 <= result["inception_score_finetuned"] <= 5
+    # the same CLIP as clip_score's: CLIPScore is its cosine term rescaled by 2.5 instead of 100
+    assert result["clipscore"] == pytest.approx(result["clip_score"] * 0.025, abs=1e-4)
+    assert result["gt_clipscore"] == pytest.approx(result["gt_clip_score"] * 0.025, abs=1e-4)
     with pytest.raises(InputError, match="evaluate.inception_weights: .*missing.pth is not a file"):
         evaluate.run(make_params(evaluate=dict(num_samples=4, inception_weights="missing.pth")), other)
+    with pytest.raises(ParamsError, match="evaluate.clipscore_model: 'no-such-clip'"):
+        evaluate.run(make_params(evaluate=dict(num_samples=4, clipscore_model="no-such-clip")), other)
 
 
 # ---------------------------------------------------------------- conditioning modes, backbones, latents

@@ -6,12 +6,18 @@
   the paper's Inception FIDs.
 - FID: the standard Inception-v3 pool features (torchmetrics over torch-fidelity), from a local weights file
   (evaluate.inception_weights): nothing is downloaded at run time.
+- Inception Score: torchmetrics' InceptionScore on the same local Inception-v3 weights.
+- FID and Inception Score of a fine-tuned Inception-v3 (evaluate.finetuned_inception): the evaluator behind the
+  StackGAN / AttnGAN / RAT-Diffusion CUB and Oxford numbers, an Inception-v3 fine-tuned on the dataset's classes;
+  only these are comparable with those papers' tables.
 - CLIP score: torchmetrics' CLIPScore convention, 100 × mean max(cos(image, caption), 0); its own class only
-  takes Hugging Face CLIP models, not our open_clip one.
+  takes Hugging Face CLIP models, not our open_clip one. `clipscore` is the CLIPScore paper's w × max(cos, 0) with
+  w = 2.5, with the stage's CLIP or any open_clip model (evaluate.clipscore_model).
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torch.nn import functional as F
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.inception import InceptionScore
+from torchvision.models import inception_v3
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from dextra.filter.clip import ClipBundle, load_clip
 from dextra.pipeline.errors import InputError
@@ -27,6 +37,8 @@ from dextra.pipeline.paths import Paths
 from dextra.train.data import Encoding, TrainingSet, load_seed
 
 MONITOR_BATCH = 256
+CLIPSCORE_W = 2.5  # CLIPScore's rescaling of max(cos, 0)
+INCEPTION_SPLITS = 10
 
 
 class ClipFeatures(nn.Module):
@@ -70,14 +82,86 @@ def inception_frechet(weights: Path, real: torch.Tensor, batch_size: int, device
     return Frechet(metric.to(device), real, batch_size)
 
 
+class FinetunedInception(nn.Module):
+    """A torchvision Inception-v3 fine-tuned on the dataset's classes, from a local state dict; the class count is
+    read from its fc layer. `output` "pool" gives the 2048-d pool features (its FID), "logits" the class logits (its
+    Inception Score). Images in [0, 1] are resized to 299 and scaled to [-1, 1], as that evaluator's Inception
+    takes them."""
+
+    def __init__(self, weights: Path, output: str):
+        super().__init__()
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise InputError(f"evaluate.finetuned_inception: cannot read {weights} ({exc})") from None
+        state = state.get("state_dict", state)
+        if "fc.weight" not in state:
+            raise InputError(f"evaluate.finetuned_inception: {weights} is no Inception-v3 state dict (no fc.weight)")
+        self.num_classes = int(state["fc.weight"].shape[0])
+        net = inception_v3(
+            weights=None, aux_logits="AuxLogits.fc.weight" in state, init_weights=False, num_classes=self.num_classes
+        )
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise InputError(
+                f"evaluate.finetuned_inception: {weights} does not fit torchvision's Inception-v3 "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
+        self.extractor = create_feature_extractor(net.eval().requires_grad_(False), {"flatten": "pool", "fc": "logits"})
+        self.output = output
+        self.num_features = 2048 if output == "pool" else self.num_classes
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = F.interpolate(pixels.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        return self.extractor(pixels * 2 - 1)[self.output]
+
+
+def finetuned_inception_frechet(weights: Path, real: torch.Tensor, batch_size: int, device: torch.device) -> Frechet:
+    metric = FrechetInceptionDistance(
+        feature=FinetunedInception(weights, "pool"), normalize=True, reset_real_features=False
+    )
+    return Frechet(metric.to(device), real, batch_size)
+
+
+class Inception:
+    """The Inception Score of an image set: exp(E KL(p(y|x) ‖ p(y))) over INCEPTION_SPLITS splits (their mean)."""
+
+    def __init__(self, metric: InceptionScore, batch_size: int):
+        self.metric, self.batch_size = metric, batch_size
+
+    def __call__(self, generated: torch.Tensor) -> float:
+        self.metric.reset()
+        for chunk in generated.split(self.batch_size):
+            self.metric.update(chunk.to(self.metric.device))
+        return float(self.metric.compute()[0])
+
+
+def inception_score(weights: Path, batch_size: int, device: torch.device) -> Inception:
+    """With torch-fidelity's Inception-v3 weights (the standard Inception Score)."""
+    network = NoTrainInceptionV3(
+        "inception-v3-compat", ["logits_unbiased"], feature_extractor_weights_path=str(weights)
+    )
+    return Inception(InceptionScore(feature=network, splits=INCEPTION_SPLITS, normalize=True).to(device), batch_size)
+
+
+def finetuned_inception_score(weights: Path, batch_size: int, device: torch.device) -> Inception:
+    network = FinetunedInception(weights, "logits")
+    return Inception(InceptionScore(feature=network, splits=INCEPTION_SPLITS).to(device), batch_size)
+
+
 def clip_fd(bundle: ClipBundle, real: torch.Tensor, generated: torch.Tensor, batch_size: int) -> float:
     return clip_frechet(bundle, real, batch_size)(generated)
 
 
-def clip_score(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str], batch_size: int) -> float:
+def clip_score(
+    bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str], batch_size: int, scale: float = 100
+) -> float:
+    """`scale` × mean max(cos(image, caption), 0): 100 for torchmetrics' CLIP score, CLIPSCORE_W for CLIPScore's."""
     texts = torch.from_numpy(bundle.encode_texts(list(captions)))
     pixels = torch.cat([bundle.encode_pixels(chunk).float().cpu() for chunk in images.split(batch_size)])
-    return float(100 * (pixels * texts).sum(-1).clamp(min=0).mean())
+    return float(scale * (pixels * texts).sum(-1).clamp(min=0).mean())
 
 
 def pick_captions(data: TrainingSet, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,10 +213,17 @@ class CheckpointMonitor:
 
 
 def score(
-    distances: dict[str, Frechet], bundle: ClipBundle, prompts: TestPrompts, generated: torch.Tensor, batch_size: int
+    image_metrics: dict[str, Callable[[torch.Tensor], float]],
+    bundle: ClipBundle,
+    clipscore_bundle: ClipBundle,
+    prompts: TestPrompts,
+    generated: torch.Tensor,
+    batch_size: int,
 ) -> dict[str, float]:
-    """Every distance to the real test images, and the CLIP score of `generated` against the prompts' captions."""
+    """Every image-set metric (distances to the real test images, Inception Scores), and the CLIP scores of
+    `generated` against the prompts' captions."""
     return {
-        **{name: distance(generated) for name, distance in distances.items()},
+        **{name: metric(generated) for name, metric in image_metrics.items()},
         "clip_score": clip_score(bundle, generated, prompts.captions, batch_size),
+        "clipscore": clip_score(clipscore_bundle, generated, prompts.captions, batch_size, CLIPSCORE_W),
     }

@@ -1,6 +1,8 @@
 """`dextra evaluate`: sample images for seed test captions with the fine-tuned EMA model and score them
-(train/metrics.py): CLIP-FD, Inception FID when evaluate.inception_weights names a local file, CLIP score, and
-the GT CLIP score of the real test images at the generated resolution, the ceiling the CLIP model allows.
+(train/metrics.py): CLIP-FD; Inception FID and Inception Score when evaluate.inception_weights names a local file,
+and the fine-tuned Inception's FID and Inception Score (the CUB / Oxford papers' evaluator) when
+evaluate.finetuned_inception does; CLIP score and CLIPScore (w = 2.5); and the GT CLIP scores of the real test
+images at the generated resolution, the ceiling the CLIP model allows.
 
 With evaluate.baseline the seed-only model of the `baseline` stage is sampled for the same captions from the same
 noise and scored beside it: the paper's claim, that pretraining on the extrapolated extra set helps, measured on
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dextra.filter.clip import load_clip
+from dextra.filter.clip import create, load_clip
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.demo import judge as demo_judge
 from dextra.pipeline.device import pick_device
@@ -25,7 +27,17 @@ from dextra.pipeline.manifest import load_manifest
 from dextra.pipeline.params import Params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import read_table
-from dextra.train.metrics import TestPrompts, clip_frechet, clip_score, inception_frechet, score
+from dextra.train.metrics import (
+    CLIPSCORE_W,
+    TestPrompts,
+    clip_frechet,
+    clip_score,
+    finetuned_inception_frechet,
+    finetuned_inception_score,
+    inception_frechet,
+    inception_score,
+    score,
+)
 from dextra.train.sampling import generate, image_grid, load_model
 from dvclive import Live
 
@@ -33,23 +45,27 @@ GRID_SAMPLES = 32
 SEED_ONLY = "seed_only"
 
 
-def inception_weights(params: Params, paths: Paths) -> Path | None:
-    name = params.evaluate.inception_weights
+def local_file(paths: Paths, name: str | None, field: str, what: str) -> Path | None:
     if name is None:
         return None
     path = paths.root / name
     if not path.is_file():
-        raise InputError(
-            f"evaluate.inception_weights: {path} is not a file "
-            "(torch-fidelity's Inception-v3 weights, e.g. weights-inception-2015-12-05-6726825d.pth)"
-        )
+        raise InputError(f"evaluate.{field}: {path} is not a file ({what})")
     return path
 
 
 def run(params: Params, paths: Paths) -> dict:
     cfg = params.evaluate
     device = pick_device(params.device)
-    inception = inception_weights(params, paths)
+    inception = local_file(
+        paths,
+        cfg.inception_weights,
+        "inception_weights",
+        "torch-fidelity's Inception-v3 weights, e.g. weights-inception-2015-12-05-6726825d.pth",
+    )
+    finetuned = local_file(
+        paths, cfg.finetuned_inception, "finetuned_inception", "an Inception-v3 state dict fine-tuned on the dataset"
+    )
     folders = {"main": paths.model("finetune")}
     if cfg.baseline:
         folders[SEED_ONLY] = paths.model("baseline")
@@ -61,9 +77,17 @@ def run(params: Params, paths: Paths) -> dict:
     main_model, _, resolution = models["main"]
     prompts = TestPrompts.load(paths, main_model.mode, resolution, cfg.num_samples, params.seed)
     bundle = load_clip(paths.clip, device)
-    distances = {"clip_fd": clip_frechet(bundle, prompts.real, cfg.batch_size)}
+    clipscore_bundle = bundle
+    if cfg.clipscore_model is not None:
+        clipscore_bundle = create(cfg.clipscore_model, cfg.clipscore_pretrained, device, "evaluate.clipscore_")
+        clipscore_bundle.model.eval()
+    image_metrics = {"clip_fd": clip_frechet(bundle, prompts.real, cfg.batch_size)}
     if inception is not None:
-        distances["fid"] = inception_frechet(inception, prompts.real, cfg.batch_size, device)
+        image_metrics["fid"] = inception_frechet(inception, prompts.real, cfg.batch_size, device)
+        image_metrics["inception_score"] = inception_score(inception, cfg.batch_size, device)
+    if finetuned is not None:
+        image_metrics["fid_finetuned"] = finetuned_inception_frechet(finetuned, prompts.real, cfg.batch_size, device)
+        image_metrics["inception_score_finetuned"] = finetuned_inception_score(finetuned, cfg.batch_size, device)
 
     judge, judge_heldout = None, {}
     if paths.manifest(params.dataset).exists() and load_manifest(params.dataset, paths).seed.importer == "demo":
@@ -75,7 +99,7 @@ def run(params: Params, paths: Paths) -> dict:
     for label, folder in folders.items():
         model, vae, _ = models[label]
         generated = generate(model, vae, folder, prompts.conditions, cfg, params.seed, label)
-        scores[label] = score(distances, bundle, prompts, generated, cfg.batch_size)
+        scores[label] = score(image_metrics, bundle, clipscore_bundle, prompts, generated, cfg.batch_size)
         if judge is not None:
             scores[label] |= demo_judge.judge_scores(judge, generated, prompts.captions)
         grids[label] = image_grid(generated[:GRID_SAMPLES], prompts.captions[:GRID_SAMPLES])
@@ -83,6 +107,9 @@ def run(params: Params, paths: Paths) -> dict:
     summary = {
         **main,
         "gt_clip_score": clip_score(bundle, prompts.real[prompts.image_index], prompts.captions, cfg.batch_size),
+        "gt_clipscore": clip_score(
+            clipscore_bundle, prompts.real[prompts.image_index], prompts.captions, cfg.batch_size, CLIPSCORE_W
+        ),
     }
     if judge is not None:  # the judge's ceiling (the real test images) and its accuracy on fresh drawn images
         real = demo_judge.judge_scores(judge, prompts.real[prompts.image_index], prompts.captions)
