@@ -159,13 +159,15 @@ def test_evaluate_writes_metrics_and_samples(chain):
     assert set(result) == {
         "clip_fd",
         "clip_score",
+        "clipscore",
         "gt_clip_score",
+        "gt_clipscore",
         "num_samples",
         "guidance_scale",
         "seed_only",
         "difference",
     }
-    assert all(math.isfinite(result[k]) for k in ("clip_fd", "clip_score", "gt_clip_score"))
+    assert all(math.isfinite(result[k]) for k in ("clip_fd", "clip_score", "clipscore", "gt_clip_score"))
     assert result["num_samples"] == 12 and result["guidance_scale"] == 2.0
     assert result == summaries["evaluate"]
     live = json.loads((paths.live("evaluate") / "metrics.json").read_text())
@@ -182,8 +184,9 @@ def test_seed_only_baseline_trains_as_long_as_both_phases_and_is_scored_beside(c
     assert summaries["baseline"]["images"] == 12  # the seed train set, not the extra set
     result = json.loads((paths.metrics / "eval.json").read_text())
     seed_only = result["seed_only"]
-    assert set(seed_only) == {"clip_fd", "clip_score"} and all(math.isfinite(v) for v in seed_only.values())
-    for name in ("clip_fd", "clip_score"):
+    assert set(seed_only) == {"clip_fd", "clip_score", "clipscore"}
+    assert all(math.isfinite(v) for v in seed_only.values())
+    for name in ("clip_fd", "clip_score", "clipscore"):
         assert result["difference"][name] == pytest.approx(result[name] - seed_only[name], abs=2e-5)
     # Two different models sampled from the same noise: the scores differ.
     assert seed_only["clip_fd"] != result["clip_fd"]
