@@ -288,15 +288,16 @@ def finetuned_inception(path: Path, classes: int) -> Path:
 
 def test_a_finetuned_inception_reads_its_class_count_and_scores_like_an_inception(tmp_path):
     weights = finetuned_inception(tmp_path / "cub.pth", classes=7)
-    assert FinetunedInception(weights, "logits").num_classes == 7
+    network = FinetunedInception(weights)
+    assert network.num_classes == 7
     images = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert 1.0 <= finetuned_inception_score(weights, 10, torch.device("cpu"))(images) <= 7.0  # FID: the test below
+    assert 1.0 <= finetuned_inception_score(network, 10, torch.device("cpu"))(images) <= 7.0  # FID: the test below
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="evaluate.finetuned_inception: cannot read .*junk.pth"):
-        FinetunedInception(tmp_path / "junk.pth", "pool")
+        FinetunedInception(tmp_path / "junk.pth")
     torch.save({"fc.weight": torch.zeros(3, 2048), "conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(InputError, match="does not fit torchvision's Inception-v3"):
-        FinetunedInception(tmp_path / "other.pth", "pool")
+        FinetunedInception(tmp_path / "other.pth")
 
 
 def test_evaluate_adds_the_papers_metrics_from_local_weights(chain, tmp_path):

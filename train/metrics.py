@@ -84,11 +84,11 @@ def inception_frechet(weights: Path, real: torch.Tensor, batch_size: int, device
 
 class FinetunedInception(nn.Module):
     """A torchvision Inception-v3 fine-tuned on the dataset's classes, from a local state dict; the class count is
-    read from its fc layer. `output` "pool" gives the 2048-d pool features (its FID), "logits" the class logits (its
-    Inception Score). Images in [0, 1] are resized to 299 and scaled to [-1, 1], as that evaluator's Inception
-    takes them."""
+    read from its fc layer. It returns both its 2048-d pool features (its FID) and its class logits (its Inception
+    Score); `output` picks one for a metric. Images in [0, 1] are resized to 299 and scaled to [-1, 1], as that
+    evaluator's Inception takes them."""
 
-    def __init__(self, weights: Path, output: str):
+    def __init__(self, weights: Path):
         super().__init__()
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -109,19 +109,29 @@ class FinetunedInception(nn.Module):
                 f"({str(exc).splitlines()[0]})"
             ) from None
         self.extractor = create_feature_extractor(net.eval().requires_grad_(False), {"flatten": "pool", "fc": "logits"})
-        self.output = output
-        self.num_features = 2048 if output == "pool" else self.num_classes
 
     @torch.no_grad()
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         pixels = F.interpolate(pixels.float(), size=(299, 299), mode="bilinear", align_corners=False)
-        return self.extractor(pixels * 2 - 1)[self.output]
+        return self.extractor(pixels * 2 - 1)
 
 
-def finetuned_inception_frechet(weights: Path, real: torch.Tensor, batch_size: int, device: torch.device) -> Frechet:
-    metric = FrechetInceptionDistance(
-        feature=FinetunedInception(weights, "pool"), normalize=True, reset_real_features=False
-    )
+class _Output(nn.Module):
+    """One output of a shared FinetunedInception, as torchmetrics' `feature=` network."""
+
+    def __init__(self, network: FinetunedInception, output: str):
+        super().__init__()
+        self.network, self.output = network, output
+        self.num_features = 2048 if output == "pool" else network.num_classes
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.network(pixels)[self.output]
+
+
+def finetuned_inception_frechet(
+    network: FinetunedInception, real: torch.Tensor, batch_size: int, device: torch.device
+) -> Frechet:
+    metric = FrechetInceptionDistance(feature=_Output(network, "pool"), normalize=True, reset_real_features=False)
     return Frechet(metric.to(device), real, batch_size)
 
 
@@ -146,9 +156,9 @@ def inception_score(weights: Path, batch_size: int, device: torch.device) -> Inc
     return Inception(InceptionScore(feature=network, splits=INCEPTION_SPLITS, normalize=True).to(device), batch_size)
 
 
-def finetuned_inception_score(weights: Path, batch_size: int, device: torch.device) -> Inception:
-    network = FinetunedInception(weights, "logits")
-    return Inception(InceptionScore(feature=network, splits=INCEPTION_SPLITS).to(device), batch_size)
+def finetuned_inception_score(network: FinetunedInception, batch_size: int, device: torch.device) -> Inception:
+    metric = InceptionScore(feature=_Output(network, "logits"), splits=INCEPTION_SPLITS)
+    return Inception(metric.to(device), batch_size)
 
 
 def clip_fd(bundle: ClipBundle, real: torch.Tensor, generated: torch.Tensor, batch_size: int) -> float:

@@ -212,6 +212,14 @@ def build_condition(cfg: TrainParams, embed_dim: int, clip_folder: Path) -> Cond
     return ConditionProjector(embed_dim, cfg.cross_attention_dim, cfg.condition_tokens, mode=cfg.conditioning)
 
 
+def _check_patches(size: int, patch_size: int, backbone: str) -> None:
+    if size % patch_size:
+        raise ParamsError(
+            f"train.{backbone}.patch_size: {patch_size} does not divide the {size}-wide input "
+            "(train.resolution, after the VAE if any)"
+        )
+
+
 def build_denoiser(
     cfg: TrainParams,
     condition: ConditionProjector | TokenConditioner,
@@ -259,11 +267,7 @@ def build_denoiser(
             )
     elif cfg.backbone == "rat":
         rat = cfg.rat
-        if size % rat.patch_size:
-            raise ParamsError(
-                f"train.rat.patch_size: {rat.patch_size} does not divide the {size}-wide input "
-                "(train.resolution, after the VAE if any)"
-            )
+        _check_patches(size, rat.patch_size, "rat")
         backbone = RATTransformer2DModel(
             sample_size=size,
             patch_size=rat.patch_size,
@@ -278,11 +282,7 @@ def build_denoiser(
         )
     else:
         dit = cfg.dit
-        if size % dit.patch_size:
-            raise ParamsError(
-                f"train.dit.patch_size: {dit.patch_size} does not divide the {size}-wide input "
-                "(train.resolution, after the VAE if any)"
-            )
+        _check_patches(size, dit.patch_size, "dit")
         width = dit.num_attention_heads * dit.attention_head_dim
         backbone = PixArtTransformer2DModel(
             num_attention_heads=dit.num_attention_heads,

@@ -29,6 +29,7 @@ from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import read_table
 from dextra.train.metrics import (
     CLIPSCORE_W,
+    FinetunedInception,
     TestPrompts,
     clip_frechet,
     clip_score,
@@ -86,8 +87,9 @@ def run(params: Params, paths: Paths) -> dict:
         image_metrics["fid"] = inception_frechet(inception, prompts.real, cfg.batch_size, device)
         image_metrics["inception_score"] = inception_score(inception, cfg.batch_size, device)
     if finetuned is not None:
-        image_metrics["fid_finetuned"] = finetuned_inception_frechet(finetuned, prompts.real, cfg.batch_size, device)
-        image_metrics["inception_score_finetuned"] = finetuned_inception_score(finetuned, cfg.batch_size, device)
+        network = FinetunedInception(finetuned)  # one network for both metrics
+        image_metrics["fid_finetuned"] = finetuned_inception_frechet(network, prompts.real, cfg.batch_size, device)
+        image_metrics["inception_score_finetuned"] = finetuned_inception_score(network, cfg.batch_size, device)
 
     judge, judge_heldout = None, {}
     if paths.manifest(params.dataset).exists() and load_manifest(params.dataset, paths).seed.importer == "demo":
