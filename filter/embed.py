@@ -3,13 +3,17 @@ together (the pHash is computed here because the image is decoded here anyway)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dextra.filter.clip import ClipBundle, decode_pixels, preprocess_pixels
-from dextra.filter.dedup import phashes
+from dextra.filter.dedup import HASH_BYTES, phashes
+from dextra.pipeline.shards import read_table, write_embeddings
 
 
 class _ShardBatches(Dataset):
@@ -43,3 +47,22 @@ def embed_images(
         out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
         hashes += [h.tobytes() for h in np.asarray(batch_hashes)]
     return (np.concatenate(out) if out else np.zeros((0, bundle.embed_dim), np.float32)), hashes
+
+
+def embed_shard(bundle: ClipBundle, kind: str, source: Path, target: Path, batch_size: int, num_workers: int) -> int:
+    """Embed one input shard into `target`: a seed split's captions (`seed_captions`) or its images (any other
+    kind); returns the number of vectors written."""
+    if kind == "seed_captions":
+        table = read_table(source, columns=["id", "captions"])
+        ids, captions = [], []
+        for image_id, texts in zip(table.column("id").to_pylist(), table.column("captions").to_pylist()):
+            ids += [image_id] * len(texts)
+            captions += texts
+        write_embeddings(target, ids, bundle.encode_texts(captions, batch_size), extra={"caption": captions})
+        return len(captions)
+    table = read_table(source, columns=["id", "image"])
+    vectors, hashes = embed_images(bundle, table.column("image").to_pylist(), batch_size, num_workers)
+    write_embeddings(
+        target, table.column("id").to_pylist(), vectors, extra={"phash": pa.array(hashes, pa.binary(HASH_BYTES))}
+    )
+    return table.num_rows

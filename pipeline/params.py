@@ -178,8 +178,19 @@ class ClipParams(_Section):
 
 
 class EmbedParams(_Section):
+    """How the embed stage runs (filter/embed_workers.py): its outputs do not depend on these."""
+
     batch_size: int = Field(256, ge=1, le=65_536)
-    num_workers: int = Field(0, ge=0, le=64)
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader processes decoding images for each embedder")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="embedders, each loading the model once and taking whole shards; on CUDA one per GPU in turn",
+    )
+    distributor: Literal["multiprocessing", "ray"] = Field(
+        "multiprocessing", description="processes on this machine, or Ray actors on the cluster RAY_ADDRESS names"
+    )
 
 
 class CurateParams(_Section):

@@ -1,9 +1,14 @@
 """The clip stage trains and saves an open_clip model that embed (and every later stage) loads back."""
 
+import importlib.util
 import io
 import json
+import shutil
+import threading
+import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +19,7 @@ from dextra.filter import clip
 from dextra.filter.clip_training import augment, train_contrastive
 from dextra.filter.embed import embed_images
 from dextra.pipeline.errors import InputError, ParamsError
+from dextra.pipeline.params import parse_params
 from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import read_embeddings, sha256_hex, write_table
 from dextra.pipeline.stages import clip as clip_stage
@@ -235,3 +241,87 @@ def test_embed_is_incremental(seeded, png):
         params.model_copy(update={"seed": 7, "clip": params.clip.model_copy(update={"train_epochs": 1})}), paths
     )
     assert embed.run(params, paths)["shards_skipped"] == 0  # a new model re-embeds everything
+
+
+def _embedding_tables(paths):
+    return {
+        str(f.relative_to(paths.embeddings)): pq.read_table(f)
+        for kind in ("seed_images", "seed_captions", "crawl_images")
+        for f in sorted(paths.embedding_folder(kind).glob("*.parquet"))
+    }
+
+
+@pytest.fixture
+def crawl_project(seeded, png, tmp_path_factory):
+    """A project with a trained CLIP and six crawl shards, not yet embedded; `copy()` gives another in its state."""
+    paths, params = seeded
+    clip_stage.run(params.model_copy(update={"clip": params.clip.model_copy(update={"train_epochs": 1})}), paths)
+    for shard in range(6):
+        seed_shard(paths.crawl_shards / f"run1-{shard:05d}.parquet", png, 7, "extra", prefix=f"c{shard}-")
+
+    def copy(workers, distributor="multiprocessing"):
+        root = tmp_path_factory.mktemp("copy")
+        shutil.copytree(paths.root, root, dirs_exist_ok=True)
+        embed_params = params.embed.model_copy(update={"num_processes": workers, "distributor": distributor})
+        return Paths(root), params.model_copy(update={"embed": embed_params})
+
+    return paths, params, copy
+
+
+def test_two_embedding_processes_write_what_one_does_and_skip_what_is_done(crawl_project):
+    paths, params, copy = crawl_project
+    two_paths, two_params = copy(2)
+    one = embed.run(params, paths)
+    assert one["workers"] == 1
+    two = embed.run(two_params, two_paths)
+    assert two["embedded"] == one["embedded"] == {"seed_images": 40, "seed_captions": 80, "crawl_images": 42}
+    assert _embedding_tables(two_paths) == _embedding_tables(paths)
+    assert embed.run(two_params, two_paths)["shards_skipped"] == 10
+
+
+def test_a_killed_embedding_process_loses_only_its_unfinished_shards(crawl_project, capsys):
+    paths, params, copy = crawl_project
+    two_paths, two_params = copy(2)
+    embed.run(params, paths)
+    result, worker = {}, threading.Thread(target=lambda: result.update(embed.run(two_params, two_paths)))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        spawned = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+        if len(spawned) == 2:
+            spawned[0].kill()
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the two embedding processes never started")
+    worker.join(300)
+    assert "a worker died" in capsys.readouterr().out
+    assert result["embedded"]["crawl_images"] == 42
+    assert _embedding_tables(two_paths) == _embedding_tables(paths)
+    assert embed.run(two_params, two_paths)["shards_skipped"] == 10
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install -e '.[ray]')")
+def test_ray_actors_embed_what_one_process_does(crawl_project):
+    import ray
+
+    paths, params, copy = crawl_project
+    ray_paths, ray_params = copy(2, "ray")
+    embed.run(params, paths)
+    try:
+        assert embed.run(ray_params, ray_paths)["embedded"]["crawl_images"] == 42
+    finally:
+        ray.shutdown()
+    assert _embedding_tables(ray_paths) == _embedding_tables(paths)
+
+
+def test_embed_refuses_an_unknown_or_missing_distributor(crawl_project, monkeypatch):
+    paths, params, copy = crawl_project
+    with pytest.raises(ParamsError, match="embed.distributor"):
+        parse_params({**params.model_dump(), "embed": {"distributor": "dask"}})
+    ray_paths, ray_params = copy(2, "ray")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name))
+    with pytest.raises(ParamsError, match=r"embed.distributor: ray is not installed \(pip install -e '.\[ray\]'\)"):
+        embed.run(ray_params, ray_paths)
+    assert not list(ray_paths.embedding_folder("crawl_images").glob("*.parquet"))
