@@ -67,6 +67,11 @@ STAGES: dict[str, tuple[str, str]] = {
         "Write the curated extra set, and the seed splits with export.include_seed, as webdataset tar shards "
         "(data/export/webdataset/) and a Hugging Face datasets.DatasetDict (data/export/hf/), for other trainers.",
     ),
+    "prior": (
+        "dextra.pipeline.stages.prior",
+        "Train the diffusion prior from caption text embeddings to CLIP image embeddings on the seed pairs and the "
+        "curated extra set's pairs, into models/prior/; metrics/prior.json compares it with the text embedding.",
+    ),
     "evaluate": (
         "dextra.pipeline.stages.evaluate",
         "Sample images for seed test captions and write CLIP-FD (and FID with evaluate.inception_weights), CLIP "

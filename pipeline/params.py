@@ -334,8 +334,13 @@ class TrainParams(_Section):
     cross_attention_dim: int = Field(
         64, ge=8, le=4096, description="width of the condition tokens the backbone attends to"
     )
+    text_encoder: str | None = Field(
+        None,
+        description="tokens conditioning: a transformers text encoder (RoBERTa, T5, CLIP text, …), local folder or hub "
+        "name, with its tokenizer; null: the CLIP text transformer of models/clip",
+    )
     train_text_encoder: bool = Field(
-        False, description="fine-tune the CLIP text transformer (tokens conditioning only); frozen by default"
+        False, description="fine-tune the text encoder (tokens conditioning only); frozen by default"
     )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
@@ -391,6 +396,10 @@ class TrainParams(_Section):
             raise ValueError(
                 "train_text_encoder needs conditioning: tokens (pooled and image conditions are precomputed embeddings)"
             )
+        if self.text_encoder and self.conditioning != "tokens":
+            raise ValueError(
+                "text_encoder needs conditioning: tokens (the backbone attends to the encoder's per-token states)"
+            )
         if self.unet.text_injection == "affine" and self.conditioning == "tokens":
             raise ValueError(
                 "unet.text_injection: affine takes one embedding per image (conditioning: pooled or image), not "
@@ -427,6 +436,25 @@ class PretrainParams(PhaseParams):
 
 class FinetuneParams(PhaseParams):
     warmup_steps: int = Field(10, ge=0)
+
+
+class PriorParams(_Section):
+    """train/prior.py: the diffusion prior from a caption's text embedding to a CLIP image embedding that a
+    `conditioning: image` model is sampled through."""
+
+    steps: int = Field(600, ge=1, le=10_000_000)
+    batch_size: int = Field(256, ge=1, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    num_layers: int = Field(2, ge=1, le=64)
+    num_attention_heads: int = Field(2, ge=1, le=64)
+    attention_head_dim: int = Field(32, ge=4, le=512)
+    extra_pairs: bool = Field(
+        True, description="also train on the curated extra set's (extrapolated text, image embedding) pairs"
+    )
+    sampling_steps: int = Field(25, ge=1, le=1000, description="DDIM steps drawing one image embedding")
+    candidates: int = Field(
+        2, ge=1, le=64, description="draws per caption, of which the one most similar to its text embedding is kept"
+    )
 
 
 class EvaluateParams(_Section):
@@ -469,6 +497,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     pretrain: PretrainParams
     finetune: FinetuneParams
+    prior: PriorParams = PriorParams()
     evaluate: EvaluateParams = EvaluateParams()
 
 

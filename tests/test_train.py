@@ -23,6 +23,7 @@ from dextra.pipeline.paths import Paths
 from dextra.pipeline.shards import read_embeddings
 from dextra.pipeline.stages import baseline, evaluate, finetune, pretrain
 from dextra.pipeline.stages import clip as clip_stage
+from dextra.pipeline.stages import prior as prior_stage
 from dextra.train import checkpoint
 from dextra.train import data as data_module
 from dextra.train.data import DataStream, Encoding, load_extra, load_seed
@@ -334,17 +335,26 @@ def test_evaluate_adds_the_papers_metrics_from_local_weights(chain, tmp_path):
 
 def test_image_conditioning_trains_on_clip_image_embeddings_and_samples_from_captions(tmp_path):
     paths = Paths(tmp_path)
-    params = make_params(train=dict(conditioning="image"), pretrain=dict(steps=3), finetune=dict(steps=2))
+    params = make_params(
+        train=dict(conditioning="image"), pretrain=dict(steps=3), finetune=dict(steps=2), prior=dict(steps=20)
+    )
     write_all(paths, params)
     extra = load_extra(paths, Encoding.create(paths, 16, "image"))
     _, vectors = read_embeddings([paths.embedding_file("crawl_images", "part-0")])  # written in the shard's row order
     assert len(extra) == 32 and np.allclose(np.asarray(extra.conditions, np.float32), vectors, atol=1e-3)
     seed, _ = load_seed(paths, "train", Encoding.create(paths, 16, "image"))
     assert seed.count.tolist() == [1] * 12  # one image embedding per seed image, not one per caption
-    for stage in (pretrain, finetune, evaluate):
+    for stage in (pretrain, finetune):
         stage.run(params, paths)
     assert Denoiser.load(paths.model("finetune")).mode == "image"
-    assert math.isfinite(json.loads((paths.metrics / "eval.json").read_text())["clip_score"])
+    with pytest.raises(InputError, match=r"models/prior: no prior .*run `dextra prior`"):
+        evaluate.run(params, paths)
+    prior_stage.run(params, paths)
+    scores = evaluate.run(params, paths)
+    # Sampled from the prior's image embeddings, and beside that from the captions' text embeddings directly.
+    assert (
+        math.isfinite(scores["clip_score"]) and scores["text_embedding_directly"]["clip_score"] != scores["clip_score"]
+    )
 
 
 @pytest.mark.parametrize("trainable", [False, True])

@@ -47,6 +47,7 @@ from dextra.pipeline.shards import (
     shard_files,
 )
 from dextra.train.model import vae_downscale
+from dextra.train.text_encoder import CaptionTokenizer
 
 CACHE_FORMAT = 1  # bump when what an entry holds changes
 CHUNK = 256  # images decoded (and VAE-encoded) at a time while an entry is built
@@ -75,9 +76,13 @@ class Encoding:
         vae: AutoencoderKL | None = None,
         flip: bool = False,
         device: torch.device = CPU,
+        tokenizer: CaptionTokenizer | None = None,
     ) -> Encoding:
+        """`tokenizer`: a transformers text encoder's, for `tokens`; without one, CLIP's from models/clip."""
         if mode != "tokens":
             return cls(resolution, mode, vae, flip, device=device)
+        if tokenizer is not None:
+            return cls(resolution, mode, vae, flip, tokenizer, tokenizer.identity, device)
         return cls(
             resolution, mode, vae, flip, load_clip(paths.clip).tokenizer, file_sha256(paths.clip / MODEL_INFO), device
         )
@@ -268,7 +273,7 @@ def _set(images: list[tuple[np.ndarray, str]], folder: Path) -> TrainingSet:
     )
 
 
-def _vectors_by_id(files: list[Path], ids: list[str], where: Path) -> np.ndarray:
+def vectors_by_id(files: list[Path], ids: list[str], where: Path) -> np.ndarray:
     info, vectors = read_embeddings(files)
     row = {image_id: i for i, image_id in enumerate(info.column("id").to_pylist())}
     missing = [image_id for image_id in ids if image_id not in row]
@@ -316,7 +321,7 @@ def load_extra(paths: Paths, enc: Encoding) -> TrainingSet:
             conditions = column.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(len(lengths), -1)
         elif enc.mode == "image":
             ids = read_tables(files, CURATED_SCHEMA, columns=["id"]).column("id").to_pylist()
-            conditions = _vectors_by_id(embeddings, ids, paths.embeddings / "crawl_images")
+            conditions = vectors_by_id(embeddings, ids, paths.embeddings / "crawl_images")
         else:
             table = read_tables(files, CURATED_SCHEMA, columns=["neighbor_captions", "neighbor_weights"])
             best = [
@@ -366,7 +371,7 @@ def load_seed(paths: Paths, split: str, enc: Encoding) -> tuple[TrainingSet, lis
         if enc.mode == "image":
             first_captions = [c[0] if c else "" for c in table.column("captions").to_pylist()]
             _save_conditions(
-                tmp, _vectors_by_id([embedding_path], ids, embedding_path), np.ones(len(ids), np.int64), first_captions
+                tmp, vectors_by_id([embedding_path], ids, embedding_path), np.ones(len(ids), np.int64), first_captions
             )
             return
         info, vectors = read_embeddings([embedding_path])

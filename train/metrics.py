@@ -35,6 +35,7 @@ from dextra.filter.clip import ClipBundle, load_clip
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.paths import Paths
 from dextra.train.data import Encoding, TrainingSet, load_seed
+from dextra.train.text_encoder import CaptionTokenizer
 
 MONITOR_BATCH = 256
 CLIPSCORE_W = 2.5  # CLIPScore's rescaling of max(cos, 0)
@@ -194,10 +195,19 @@ class TestPrompts:
     real: torch.Tensor  # every test image in [0, 1] at the generated resolution
 
     @classmethod
-    def load(cls, paths: Paths, model_mode: str, resolution: int, num_samples: int, seed: int) -> TestPrompts:
+    def load(
+        cls,
+        paths: Paths,
+        model_mode: str,
+        resolution: int,
+        num_samples: int,
+        seed: int,
+        tokenizer: CaptionTokenizer | None = None,
+    ) -> TestPrompts:
+        """`tokenizer`: a transformers text encoder's (Denoiser.tokenizer), for a `tokens` model that has one."""
         # An `image` model is sampled from caption text embeddings: they share CLIP's space with image embeddings.
         mode = "tokens" if model_mode == "tokens" else "pooled"
-        test, captions = load_seed(paths, "test", Encoding.create(paths, resolution, mode))
+        test, captions = load_seed(paths, "test", Encoding.create(paths, resolution, mode, tokenizer=tokenizer))
         if len(test) < 2:
             raise InputError(
                 f"{paths.seed_split('test')}: the Fréchet distance needs at least 2 test images, found {len(test)}"
@@ -211,9 +221,16 @@ class CheckpointMonitor:
     steps still bring samples closer to the test set, and for pretrain how far the extra set alone gets."""
 
     def __init__(
-        self, paths: Paths, model_mode: str, resolution: int, num_samples: int, seed: int, device: torch.device
+        self,
+        paths: Paths,
+        model_mode: str,
+        resolution: int,
+        num_samples: int,
+        seed: int,
+        device: torch.device,
+        tokenizer: CaptionTokenizer | None = None,
     ):
-        self.prompts = TestPrompts.load(paths, model_mode, resolution, num_samples, seed)
+        self.prompts = TestPrompts.load(paths, model_mode, resolution, num_samples, seed, tokenizer)
         self.distance = clip_frechet(
             load_clip(paths.clip, device), self.prompts.real, MONITOR_BATCH
         )  # real features once

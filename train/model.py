@@ -7,8 +7,9 @@ Conditioning (train.conditioning):
   projected to a few tokens.
 - `image`: the CLIP image embedding instead, so uncaptioned crawl can train (language-free, as in LAFITE / Shifted
   Diffusion); CLIP puts text and images in one space, so at sampling a caption's text embedding takes its place.
-- `tokens`: caption token ids through CLIP's text transformer, whose per-token states are projected; the text
-  transformer is copied from models/clip and frozen unless train.train_text_encoder.
+- `tokens`: caption token ids through a text encoder, whose per-token states are projected: CLIP's text transformer
+  copied from models/clip, or a transformers encoder named by train.text_encoder (train/text_encoder.py); frozen
+  unless train.train_text_encoder.
 Each holds the learned NULL condition that NULL guidance contrasts against. Everything saves with diffusers'
 save_pretrained into one folder (unet/ or transformer/, condition/, and vae/ for latent models), so finetune and
 evaluate load a model without knowing the params it was built from.
@@ -31,6 +32,7 @@ from dextra.filter.clip import MODEL_INFO, load_clip
 from dextra.pipeline.errors import InputError, ParamsError
 from dextra.pipeline.params import TrainParams
 from dextra.train.rat import RATTransformer2DModel
+from dextra.train.text_encoder import CaptionTokenizer, TextEncoderConditioner
 
 # save folder -> class
 BACKBONES = {"unet": UNet2DConditionModel, "transformer": PixArtTransformer2DModel, "rat": RATTransformer2DModel}
@@ -86,6 +88,10 @@ class TokenConditioner(ModelMixin, ConfigMixin):
         """Length of one condition row: the tokenizer's context length."""
         return self.text.context_length
 
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.text
+
     @classmethod
     def from_clip(cls, folder: Path, cross_attention_dim: int) -> TokenConditioner:
         """A conditioner whose text transformer holds the weights of the CLIP model the `clip` stage saved in
@@ -108,7 +114,8 @@ class TokenConditioner(ModelMixin, ConfigMixin):
         return torch.where(null[:, None, None], self.null.to(out.dtype), out)
 
 
-CONDITIONERS = {cls.__name__: cls for cls in (ConditionProjector, TokenConditioner)}
+Conditioner = ConditionProjector | TokenConditioner | TextEncoderConditioner
+CONDITIONERS = {cls.__name__: cls for cls in (ConditionProjector, TokenConditioner, TextEncoderConditioner)}
 
 
 class Denoiser(nn.Module):
@@ -118,7 +125,7 @@ class Denoiser(nn.Module):
     def __init__(
         self,
         backbone: UNet2DConditionModel | PixArtTransformer2DModel | RATTransformer2DModel,
-        condition: ConditionProjector | TokenConditioner,
+        condition: Conditioner,
     ):
         super().__init__()
         self.backbone = backbone
@@ -154,10 +161,15 @@ class Denoiser(nn.Module):
     def condition_size(self) -> int:
         return self.condition.condition_size
 
+    @property
+    def tokenizer(self) -> CaptionTokenizer | None:
+        """The transformers text encoder's tokenizer; None for CLIP's (models/clip has it) and for embeddings."""
+        return getattr(self.condition, "tokenizer", None)
+
     def train_text_encoder(self, enabled: bool) -> None:
-        """Freeze (default) or unfreeze CLIP's text transformer; only `tokens` conditioning has one."""
-        if isinstance(self.condition, TokenConditioner):
-            self.condition.text.requires_grad_(enabled)
+        """Freeze (default) or unfreeze the text encoder; only `tokens` conditioning has one."""
+        if self.mode == "tokens":
+            self.condition.text_encoder.requires_grad_(enabled)
 
     def save(self, folder: Path) -> None:
         subfolder = next(name for name, kind in BACKBONES.items() if isinstance(self.backbone, kind))
@@ -206,7 +218,9 @@ def image_resolution(model: Denoiser, vae: AutoencoderKL | None) -> int:
     return model.sample_size * (vae_downscale(vae) if vae is not None else 1)
 
 
-def build_condition(cfg: TrainParams, embed_dim: int, clip_folder: Path) -> ConditionProjector | TokenConditioner:
+def build_condition(cfg: TrainParams, embed_dim: int, clip_folder: Path) -> Conditioner:
+    if cfg.conditioning == "tokens" and cfg.text_encoder:
+        return TextEncoderConditioner.create(cfg.text_encoder, cfg.cross_attention_dim)
     if cfg.conditioning == "tokens":
         return TokenConditioner.from_clip(clip_folder, cfg.cross_attention_dim)
     return ConditionProjector(embed_dim, cfg.cross_attention_dim, cfg.condition_tokens, mode=cfg.conditioning)
@@ -222,7 +236,7 @@ def _check_patches(size: int, patch_size: int, backbone: str) -> None:
 
 def build_denoiser(
     cfg: TrainParams,
-    condition: ConditionProjector | TokenConditioner,
+    condition: Conditioner,
     channels: int = 3,
     sample_size: int | None = None,
 ) -> Denoiser:

@@ -40,6 +40,7 @@ from dextra.train.data import DataStream, Encoding, TrainingSet
 from dextra.train.metrics import CheckpointMonitor
 from dextra.train.model import Denoiser, build_condition, build_denoiser, image_resolution, load_vae, vae_downscale
 from dextra.train.sampling import image_grid, sample, sampler
+from dextra.train.text_encoder import caption_tokenizer
 from dvclive import Live
 
 # Params that change how a run is watched, not what it computes: a checkpoint stays resumable when they change.
@@ -76,7 +77,10 @@ def fresh_model(
             f"train.resolution: {cfg.resolution} is not a multiple of the VAE's downscale factor {downscale} "
             "(train.vae)"
         )
-    encoding = Encoding.create(paths, cfg.resolution, cfg.conditioning, vae, cfg.random_flip, accelerator.device)
+    tokenizer = caption_tokenizer(cfg.text_encoder) if cfg.conditioning == "tokens" and cfg.text_encoder else None
+    encoding = Encoding.create(
+        paths, cfg.resolution, cfg.conditioning, vae, cfg.random_flip, accelerator.device, tokenizer
+    )
     with accelerator.local_main_process_first():  # one process per machine decodes; the others read its cache
         data = load(encoding)
     set_seed(params.seed)
@@ -121,7 +125,7 @@ def train(
     monitor = None
     if main and cfg.monitor_samples:
         monitor = CheckpointMonitor(
-            paths, model.mode, image_resolution(model, vae), cfg.monitor_samples, params.seed, device
+            paths, model.mode, image_resolution(model, vae), cfg.monitor_samples, params.seed, device, model.tokenizer
         )
     set_seed(params.seed, deterministic=cfg.deterministic)
     model.train_text_encoder(cfg.train_text_encoder)

@@ -12,6 +12,10 @@ On the demo an independent judge (pipeline/demo/judge.py), trained here on image
 pipeline's CLIP, reads each sample's digit, foreground and background colour: caption_accuracy (all three as
 captioned) and the per-attribute accuracies join each model's scores; gt_* are the judge's scores of the real test
 images (its ceiling) and judge_heldout_* its accuracies on fresh drawn images.
+
+A `conditioning: image` model is sampled from image embeddings that the prior (models/prior, `dextra prior`) draws
+for the captions; the fine-tuned model is also sampled with the caption's text embedding in the image embedding's
+place, and scored under text_embedding_directly: what the prior buys.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ from dextra.train.metrics import (
     inception_score,
     score,
 )
+from dextra.train.prior import load_prior, sample_prior
 from dextra.train.sampling import generate, image_grid, load_model
 from dvclive import Live
 
 GRID_SAMPLES = 32
 SEED_ONLY = "seed_only"
+DIRECT = "text_embedding_directly"  # an image-conditioned model sampled without the prior
 
 
 def local_file(paths: Paths, name: str | None, field: str, what: str) -> Path | None:
@@ -76,7 +82,7 @@ def run(params: Params, paths: Paths) -> dict:
             )
     models = {label: load_model(folder, device) for label, folder in folders.items()}  # each loaded once
     main_model, _, resolution = models["main"]
-    prompts = TestPrompts.load(paths, main_model.mode, resolution, cfg.num_samples, params.seed)
+    prompts = TestPrompts.load(paths, main_model.mode, resolution, cfg.num_samples, params.seed, main_model.tokenizer)
     bundle = load_clip(paths.clip, device)
     clipscore_bundle = bundle
     if cfg.clipscore_model is not None:
@@ -97,10 +103,20 @@ def run(params: Params, paths: Paths) -> dict:
         exclude = demo_judge.seed_test_samples(params, test_ids)
         judge, judge_heldout = demo_judge.cached_judge(params, exclude, paths.train_cache)
 
+    conditions = prompts.conditions
+    runs = [(label, label) for label in folders]  # (scores' label, model's label)
+    if main_model.mode == "image":
+        prior, prior_scheduler = load_prior(paths.model("prior"), device)
+        drawn = sample_prior(
+            prior, prior_scheduler, conditions, params.prior.sampling_steps, params.seed, params.prior.candidates
+        )
+        conditions = drawn.cpu().to(prompts.conditions.dtype)
+        runs.append((DIRECT, "main"))
     scores, grids = {}, {}
-    for label, folder in folders.items():
-        model, vae, _ = models[label]
-        generated = generate(model, vae, folder, prompts.conditions, cfg, params.seed, label)
+    for label, model_label in runs:
+        model, vae, _ = models[model_label]
+        sampled_from = prompts.conditions if label == DIRECT else conditions
+        generated = generate(model, vae, folders[model_label], sampled_from, cfg, params.seed, label)
         scores[label] = score(image_metrics, bundle, clipscore_bundle, prompts, generated, cfg.batch_size)
         if judge is not None:
             scores[label] |= demo_judge.judge_scores(judge, generated, prompts.captions)
@@ -120,6 +136,8 @@ def run(params: Params, paths: Paths) -> dict:
     if SEED_ONLY in scores:
         summary[SEED_ONLY] = scores[SEED_ONLY]
         summary["difference"] = {name: main[name] - value for name, value in scores[SEED_ONLY].items()}
+    if DIRECT in scores:
+        summary[DIRECT] = scores[DIRECT]
 
     with Live(dir=str(paths.live("evaluate")), save_dvc_exp=False, dvcyaml=None) as live:
         for name, value in summary.items():

@@ -19,7 +19,9 @@ def run(params: Params, paths: Paths) -> dict:
     model = Denoiser.load(source)
     vae = saved_vae(source)
     resolution = image_resolution(model, vae)
-    encoding = Encoding.create(paths, resolution, model.mode, vae, params.train.random_flip, accelerator.device)
+    encoding = Encoding.create(
+        paths, resolution, model.mode, vae, params.train.random_flip, accelerator.device, model.tokenizer
+    )
     with accelerator.local_main_process_first():
         data, _ = load_seed(paths, "train", encoding)
     if data.condition_size != model.condition_size:
