@@ -3,54 +3,27 @@ nothing, and a changed param re-runs only the stages downstream of it."""
 
 import json
 import shutil
-import subprocess
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from dextra.pipeline.paths import Paths
-from tests.helpers import REPO
 from tests.helpers.browser import check_in_browser, have_browser
-from tests.helpers.dvc import dvc, stages_run
-
-SMALL = {
-    "demo": {"n_seed": 120, "n_web": 200, "n_corpus": 200},
-    "fetch": {"processes": 1, "threads": 8},
-    "clip": {"train_epochs": 2, "batch_size": 32, "corpus_epochs": 1},
-    # Two epochs of CLIP cannot tell digits apart, so the detectors would keep nothing: judge by distance here.
-    "curate": {"cluster_detector": False, "class_detector": False, "distance_detector": "on"},
-    "train": {"monitor_samples": 8},
-    "pretrain": {"steps": 20, "warmup_steps": 2},
-    "finetune": {"steps": 10, "warmup_steps": 2},
-    "evaluate": {"num_samples": 16, "sampling_steps": 3, "batch_size": 16},
-}
+from tests.helpers.dvc import SMALL_DEMO, dvc, in_dependency_order, stages_run
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict):
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        if (REPO / name).is_file():
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, tmp_path / name)
-    (tmp_path / "dvc.lock").unlink(missing_ok=True)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict(**SMALL), sort_keys=False))
-    for command in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        subprocess.run(command, cwd=tmp_path, check=True)  # dvclive needs a commit to stand on
-
-    first = stages_run(dvc(tmp_path, "repro"))
+def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_demo, params_dict):
+    shutil.copytree(small_demo.finished, tmp_path, symlinks=True, dirs_exist_ok=True)
+    first = stages_run(small_demo.output)
     assert sorted(first) == sorted(
         [
             "seed", "urls", "fetch", "clip", "embed", "curate", "report", "export",
-            "pretrain", "finetune", "baseline", "evaluate",
+            "pretrain", "finetune", "baseline", "prior", "evaluate",
         ]
     )  # fmt: skip
-    assert first[-1] == "evaluate" and first.index("finetune") > first.index("pretrain")
+    assert in_dependency_order(tmp_path, first) and first[-1] == "evaluate"
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert {"clip_fd", "clip_score", "gt_clip_score", "seed_only", "difference"} <= metrics.keys()
     judged = {"caption_accuracy", "digit_accuracy", "fg_accuracy", "bg_accuracy"}  # the demo's independent judge
@@ -62,7 +35,7 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
     assert (tmp_path / "data" / "export" / "hf" / "dataset_dict.json").exists()
     if have_browser():  # the pipeline's own report, as a person opens it
         check_in_browser(
-            Paths(tmp_path), tmp_path / "browser", gallery_size=params_dict(**SMALL)["report"]["gallery_size"]
+            Paths(tmp_path), tmp_path / "browser", gallery_size=params_dict(**SMALL_DEMO)["report"]["gallery_size"]
         )
     shown = dvc(tmp_path, "metrics", "show")
     assert "clip_fd" in shown and "seed_only.clip_fd" in shown and "difference.clip_fd" in shown
@@ -72,7 +45,7 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
 
     assert stages_run(dvc(tmp_path, "repro")) == []
 
-    changed = params_dict(**SMALL, report={"gallery_size": 5})
+    changed = params_dict(**SMALL_DEMO, report={"gallery_size": 5})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     assert stages_run(dvc(tmp_path, "repro")) == ["report"]
 
@@ -82,11 +55,13 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, params_dict
     table = dvc(tmp_path, "exp", "show", "--md")
     assert "report.gallery_size" in table and "clip_fd" in table
     assert "clip_fd" in dvc(tmp_path, "metrics", "diff", "--all")
-    tried = params_dict(**{**SMALL, "curate": {**SMALL["curate"], "k_neighbors": 2}}, report={"gallery_size": 3})
+    tried = params_dict(
+        **{**SMALL_DEMO, "curate": {**SMALL_DEMO["curate"], "k_neighbors": 2}}, report={"gallery_size": 3}
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tried, sort_keys=False))
     assert set(json.loads(dvc(tmp_path, "status", "--json"))) == {"curate"}
     (tmp_path / "params.yaml").write_text(
-        yaml.safe_dump(params_dict(**SMALL, report={"gallery_size": 3}), sort_keys=False)
+        yaml.safe_dump(params_dict(**SMALL_DEMO, report={"gallery_size": 3}), sort_keys=False)
     )
 
     # the seed-only baseline trains as long as pretrain + finetune, so both phases' steps are its params
