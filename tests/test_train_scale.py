@@ -20,6 +20,7 @@ from dextra.pipeline.paths import Paths
 from dextra.pipeline.stages import clip as clip_stage
 from dextra.train import checkpoint
 from tests.helpers import REPO
+from tests.helpers.dvc import git_repository
 from tests.helpers.train import losses, write_curated, write_seed
 from tests.helpers.train import small_training_params as make_params
 
@@ -44,12 +45,7 @@ def project(root: Path, params) -> Path:
             shutil.copy2(source, root / dep)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": stages["pretrain"]}}, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    for command in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        subprocess.run(command, cwd=root, check=True)
+    git_repository(root, dvc_init=True)
     return root
 
 

@@ -64,13 +64,18 @@ def project_copy(root: Path, params: dict) -> Path:
             shutil.copy2(REPO / name, root / name)
     (root / "dvc.lock").unlink(missing_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        subprocess.run(command, cwd=root, check=True)
+    git_repository(root)
     return root
+
+
+def git_repository(root: Path, dvc_init: bool = False) -> None:
+    """Everything under `root` committed to a new git repository (dvclive needs a commit to stand on), after
+    `dvc init` with `dvc_init`."""
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    if dvc_init:
+        subprocess.run(["dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=root, check=True)
 
 
 def start_repro(root: Path, *targets: str) -> subprocess.Popen:
