@@ -153,7 +153,28 @@ def rows_leak_recall(r: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def rows_incremental(r: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, what in (("added", f"+{r['new_urls']:,} URLs in a new list"), ("removed", "that list removed")):
+        ran = r["runs"][name]
+        work = [
+            f"{stage} {ran[stage]['items']:,} items ({ran[stage]['items_vs_full']:.1%})"
+            for stage in ("fetch", "embed")
+            if stage in ran and "items_vs_full" in ran[stage]
+        ]
+        skipped = [stage for stage in ("seed", "clip", "embed", "baseline") if stage not in ran]
+        rows.append(
+            (
+                f"new extra data: {what}",
+                "; ".join(work) or "nothing fetched or embedded",
+                f"(share of the full run's items, {r['listed_urls']:,} URLs); not re-run: {', '.join(skipped)}",
+            )
+        )
+    return rows
+
+
 RENDERERS = {
+    "incremental": rows_incremental,
     "method_ablation": rows_method_ablation,
     "leak_recall": rows_leak_recall,
     "train": rows_train,
