@@ -1,13 +1,17 @@
 """curate's core at scale: synthetic unit vectors (d = 512, 10k seed images in 100 classes, 2k test images) with
-100k and 1M crawled images (in-domain, wrong-class, off-topic, near copies), no images, so copies are found by
-CLIP similarity alone. Each size runs in its own process; its peak RSS is counted from when the synthetic
-inputs are built (they are included; the generator's own temporaries are not).
+100k to 10M crawled images (in-domain, wrong-class, off-topic, near copies), no images, so copies are found by
+CLIP similarity alone. The crawled vectors are float16 in a memory-mapped file (in TMPDIR), as the curate stage
+maps them. Each size runs in its own process; its peak RSS is counted from when the synthetic inputs are built
+(they are included; the generator's own temporaries are not).
 
-    python bench/curate_scale.py [--sizes 100000 1000000]
+    python bench/curate_scale.py [--sizes 100000 1000000 10000000]
 
-Targets (issue 4): 1M in < 10 min on 2 cores with peak RSS < 4 GiB; time grows ≤ 11x from 100k to 1M.
-Records wall and CPU seconds of the core, peak RSS, and the machine's load average around each run (other
-processes on a shared machine stretch wall time, less so CPU time). Writes bench/results/curate_scale.json.
+Targets (issue 4): 1M in < 10 min on 2 cores with peak RSS < 4 GiB; time grows ≤ 11x from 100k to 1M. Issue 17:
+10M with peak memory well under 8 GiB. Two peaks: VmHWM counts the pages of the mapped vector file the process
+touched (the kernel can drop them at any time: they are the file's), the anonymous peak (RssAnon, sampled every
+50 ms) is the memory curate itself holds. Records wall and CPU seconds of the core and the machine's load average
+around each run (other processes on a shared machine stretch wall time, less so CPU time).
+Writes bench/results/curate_scale.json.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +37,7 @@ def unit(v: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def synthetic(n_crawl: int, rng: np.random.Generator):
+def synthetic(n_crawl: int, rng: np.random.Generator, folder: Path):
     from dextra.filter.curate import Crawl, SeedSet
 
     centres = unit(rng.normal(size=(CLASSES, DIM)))
@@ -49,7 +55,7 @@ def synthetic(n_crawl: int, rng: np.random.Generator):
         ),
         test_images=None,
     )
-    vectors = np.empty((n_crawl, DIM), np.float16)
+    vectors = np.lib.format.open_memmap(folder / "crawl.npy", "w+", np.float16, (n_crawl, DIM))
     query_class = rng.integers(0, CLASSES, n_crawl)
     kind = rng.choice(4, n_crawl, p=[0.6, 0.15, 0.2, 0.05])  # in-domain, wrong class, off-topic, near copy
     for start in range(0, n_crawl, 100_000):
@@ -64,11 +70,13 @@ def synthetic(n_crawl: int, rng: np.random.Generator):
         vectors[np.maximum(copies - 1, 0)].astype(np.float32)
         + 0.02 * rng.normal(size=(len(copies), DIM)) / np.sqrt(DIM)
     )
+    vectors.flush()
+    names, queries = [str(c) for c in range(CLASSES)], [f"class {c}" for c in range(CLASSES)]
     crawl = Crawl(
-        ids=[f"c{i:07d}" for i in range(n_crawl)],
-        vectors=vectors,
-        queries=[f"class {c}" for c in query_class],
-        classes=[str(c) for c in query_class],
+        ids=[f"c{i:08d}" for i in range(n_crawl)],
+        vectors=np.load(folder / "crawl.npy", mmap_mode="r"),
+        queries=[queries[c] for c in query_class],  # shared strings, as pyarrow's to_pylist gives repeated values
+        classes=[names[c] for c in query_class],
         digests=[f"{i}" for i in range(n_crawl)],
         hashes=None,
         read_images=None,
@@ -76,11 +84,24 @@ def synthetic(n_crawl: int, rng: np.random.Generator):
     return seed, crawl
 
 
-def _peak_rss_kib() -> int:
-    """VmHWM: the peak resident set since the last reset through /proc/self/clear_refs."""
+def _status_kib(field: str) -> int:
+    """A field of /proc/self/status: VmHWM (the peak resident set since the last reset through
+    /proc/self/clear_refs) or RssAnon (the anonymous part of the resident set now)."""
     return int(
-        next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1]
+        next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field)).split()[1]
     )
+
+
+class AnonPeak(threading.Thread):
+    """The largest RssAnon seen, sampled every 50 ms (Linux keeps a peak only for the whole RSS)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.done = _status_kib("RssAnon"), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            self.peak = max(self.peak, _status_kib("RssAnon"))
 
 
 def measure(n_crawl: int) -> dict:
@@ -91,15 +112,19 @@ def measure(n_crawl: int) -> dict:
     from dextra.filter.curate import curate
     from dextra.pipeline.params import CurateParams
 
-    seed, crawl = synthetic(n_crawl, np.random.default_rng(0))
-    generation_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    Path("/proc/self/clear_refs").write_text(
-        "5"
-    )  # Linux: restart the peak-RSS count, so it is curate's (inputs included)
-    load_before = os.getloadavg()[0]
-    started, cpu_started = time.perf_counter(), time.process_time()
-    decisions, extrapolation, _ = curate(seed, crawl, CurateParams(), 0, torch.device("cpu"))
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    with tempfile.TemporaryDirectory(prefix="dextra-curate-scale-") as folder:
+        seed, crawl = synthetic(n_crawl, np.random.default_rng(0), Path(folder))
+        generation_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count (inputs included)
+        load_before = os.getloadavg()[0]
+        anon = AnonPeak()
+        anon.start()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        decisions, extrapolation, _ = curate(seed, crawl, CurateParams(), 0, torch.device("cpu"))
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        anon.done.set()
+        anon.join()
+        peak_rss_gib = _status_kib("VmHWM") / 2**20
     outcomes = dict(zip(*np.unique(decisions.outcome.astype(str), return_counts=True)))
     return {
         "crawled": n_crawl,
@@ -107,7 +132,8 @@ def measure(n_crawl: int) -> dict:
         "cpu_seconds": round(cpu_seconds, 1),
         "threads": {"faiss": faiss.omp_get_max_threads(), "torch": torch.get_num_threads()},
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "peak_rss_gib": round(_peak_rss_kib() / 2**20, 2),
+        "peak_rss_gib": round(peak_rss_gib, 2),
+        "peak_anon_rss_gib": round(anon.peak / 2**20, 2),
         "data_generation_peak_rss_gib": round(generation_peak_gib, 2),
         "outcomes": {k: int(v) for k, v in outcomes.items()},
         "kept": int(len(extrapolation.rows)),
@@ -133,7 +159,8 @@ def main() -> None:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(
             f"{size:>9,} crawled: {runs[-1]['seconds']:7.1f} s ({runs[-1]['cpu_seconds']:.0f} CPU s, "
-            f"load {runs[-1]['load_average_1min']}), peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB, "
+            f"load {runs[-1]['load_average_1min']}), peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB "
+            f"(anonymous {runs[-1]['peak_anon_rss_gib']:.2f} GiB), "
             f"kept {runs[-1]['kept']:,}"
         )
     result = {"dim": DIM, "seed_images": SEED_IMAGES, "test_images": TEST_IMAGES, "cores": os.cpu_count(), "runs": runs}

@@ -71,7 +71,8 @@ def rows_curate_scale(r: dict) -> list[tuple[str, str, str]]:
         (
             f"curate core: {run['crawled']:,} crawled",
             f"{run['seconds']:.0f} s",
-            f"peak RSS {run['peak_rss_gib']:.2f} GiB",
+            f"peak RSS {run['peak_rss_gib']:.2f} GiB"
+            + (f" (anonymous {run['peak_anon_rss_gib']:.2f} GiB)" if "peak_anon_rss_gib" in run else ""),
         )
         for run in r["runs"]
     ]

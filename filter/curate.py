@@ -162,24 +162,23 @@ def _crawl_neighbors(
         members = vectors[rows]
         return search(build_index(members, cfg.exact_index_max), members, k)
     batches = [np.arange(start, min(len(rows), start + SEARCH_BATCH)) for start in range(0, len(rows), SEARCH_BATCH)]
-    scores, neighbors = np.empty((len(rows), 0), np.float32), np.empty((len(rows), 0), np.int64)
+    # what search_lists reports for a neighbour not found, so that a row's k best start as k such entries
+    scores = np.full((len(rows), k), np.finfo(np.float32).min, np.float32)
+    neighbors = np.full((len(rows), k), -1, np.int64)
     for part in range(0, len(rows), LIST_ROWS):
         lists = lists_over(seed_index)
         for start in range(part, min(len(rows), part + LIST_ROWS), SEARCH_BATCH):
             held = rows[start : min(start + SEARCH_BATCH, part + LIST_ROWS)]
             add_to_lists(lists, vectors[held], seed_neighbors[held, 0])
-        found = [
-            search_lists(
+        for b in batches:  # merged batch by batch: no (n, 2k) temporaries
+            found_scores, found = search_lists(
                 lists, vectors[rows[b]], k, seed_neighbors[rows[b], : cfg.nprobe], seed_scores[rows[b], : cfg.nprobe]
             )
-            for b in batches
-        ]
+            merged_scores = np.concatenate([scores[b], found_scores], axis=1)
+            merged = np.concatenate([neighbors[b], np.where(found >= 0, found + part, -1)], axis=1)
+            best = np.lexsort((np.where(merged >= 0, merged, len(rows)), -merged_scores), axis=-1)[:, :k]
+            scores[b], neighbors[b] = np.take_along_axis(merged_scores, best, 1), np.take_along_axis(merged, best, 1)
         del lists
-        part_neighbors = np.concatenate([f[1] for f in found])
-        scores = np.concatenate([scores, np.concatenate([f[0] for f in found])], axis=1)
-        neighbors = np.concatenate([neighbors, np.where(part_neighbors >= 0, part_neighbors + part, -1)], axis=1)
-        best = np.lexsort((np.where(neighbors >= 0, neighbors, len(rows)), -scores), axis=-1)[:, :k]
-        scores, neighbors = np.take_along_axis(scores, best, 1), np.take_along_axis(neighbors, best, 1)
     return scores, neighbors
 
 

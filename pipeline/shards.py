@@ -193,14 +193,16 @@ def write_embeddings(path: str | Path, ids: Sequence[str], vectors: np.ndarray, 
     return write_table(pa.table(columns), path, embedding_schema(dim))
 
 
+def _read_embedding_file(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardError(f"{path}: not a readable embeddings file ({exc})") from None
+
+
 def read_embeddings(paths: Iterable[str | Path]) -> tuple[pa.Table, np.ndarray]:
     """All rows of the given embedding files: the table without the vectors, and the vectors as float32."""
-    tables = []
-    for path in paths:
-        try:
-            tables.append(pq.read_table(path))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ShardError(f"{path}: not a readable embeddings file ({exc})") from None
+    tables = [_read_embedding_file(path) for path in paths]
     if not tables:
         return pa.table({"id": pa.array([], pa.string())}), np.zeros((0, 0), np.float32)
     table = pa.concat_tables(tables)
@@ -208,3 +210,27 @@ def read_embeddings(paths: Iterable[str | Path]) -> tuple[pa.Table, np.ndarray]:
     dim = column.type.list_size
     vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
     return table.drop_columns(["embedding"]), vectors
+
+
+def read_embedding_info(paths: Sequence[str | Path]) -> tuple[pa.Table, int]:
+    """Every row of the given embedding files without the vectors, and their dimension (0 without files)."""
+    if not paths:
+        return pa.table({"id": pa.array([], pa.string())}), 0
+    names = [n for n in pq.read_schema(paths[0]).names if n != "embedding"]
+    dim = pq.read_schema(paths[0]).field("embedding").type.list_size
+    return pa.concat_tables([_read_embedding_file(path, names) for path in paths]), dim
+
+
+def read_embeddings_into(paths: Iterable[str | Path], rows: dict[str, int], out: np.ndarray) -> None:
+    """out[rows[id]] = the stored float16 vector of every id in `rows`, one file at a time: `out` may be a
+    memory-mapped file, so a crawl's vectors (10 GB at 10M x 512) never need to fit in memory at once."""
+    for path in paths:
+        table = _read_embedding_file(path, ["id", "embedding"])
+        wanted = [(n, rows[i]) for n, i in enumerate(table.column("id").to_pylist()) if i in rows]
+        if not wanted:
+            continue
+        source, target = (np.array(c, np.int64) for c in zip(*wanted))
+        column = table.column("embedding").combine_chunks()
+        if column.type.list_size != out.shape[1]:
+            raise ShardError(f"{path}: embeddings of dimension {column.type.list_size}, others have {out.shape[1]}")
+        out[target] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, out.shape[1])[source]

@@ -25,7 +25,9 @@ from dextra.pipeline.shards import (
     IMAGE_SCHEMA,
     STATUS_SCHEMA,
     URL_SCHEMA,
+    read_embedding_info,
     read_embeddings,
+    read_embeddings_into,
     read_table,
     read_tables,
     shard_files,
@@ -103,11 +105,14 @@ def _read_images(shards: list[Path], ids: list[str], rows: Sequence[int]) -> lis
     return [found[i] for i in wanted]
 
 
-def read_crawl(paths: Paths, rows: pa.Table) -> Crawl:
+def read_crawl(paths: Paths, rows: pa.Table, scratch: Path) -> Crawl:
+    """The fetched crawled images in url_id order; their vectors (float16, as stored) go into a memory-mapped file
+    in `scratch`, filled one embeddings file at a time, so a large crawl's vectors are never in memory together."""
     fetched = set(rows.filter(pc.equal(rows["status"], "ok")).column("url_id").to_pylist())
     shard_paths = shard_files(paths.crawl_shards)
     shards = read_tables(shard_paths, IMAGE_SCHEMA, columns=["id", "sha256"])
-    info, vectors = read_embeddings(shard_files(paths.embedding_folder("crawl_images")))
+    embedding_files = shard_files(paths.embedding_folder("crawl_images"))
+    info, dim = read_embedding_info(embedding_files)
     position = {i: n for n, i in enumerate(info.column("id").to_pylist())}
     by_id = {i: n for n, i in enumerate(shards.column("id").to_pylist())}
     missing = sorted(fetched - by_id.keys())
@@ -123,14 +128,19 @@ def read_crawl(paths: Paths, rows: pa.Table) -> Crawl:
             f"{paths.embedding_folder('crawl_images')}: no embedding for crawled image {unembedded[0]} "
             "(re-run `dextra embed`)"
         )
+    if ids:
+        vectors = np.lib.format.open_memmap(scratch / "crawl_vectors.npy", "w+", np.float16, (len(ids), dim))
+        read_embeddings_into(embedding_files, {image_id: row for row, image_id in enumerate(ids)}, vectors)
+        vectors.flush()
+        vectors = np.load(scratch / "crawl_vectors.npy", mmap_mode="r")
+    else:
+        vectors = np.zeros((0, max(dim, 1)), np.float16)
     meta = {r["url_id"]: r for r in rows.select(["url_id", "url", "query", "class"]).to_pylist()}
     hashes = info.column("phash").to_pylist() if "phash" in info.column_names else None
     digests = shards.column("sha256").to_pylist()
     return Crawl(
         ids=ids,
-        vectors=vectors[[position[i] for i in ids]]
-        if ids
-        else np.zeros((0, vectors.shape[1] if vectors.size else 1), np.float32),
+        vectors=vectors,
         queries=[meta[i]["query"] for i in ids],
         classes=[meta[i]["class"] for i in ids],
         digests=[digests[by_id[i]] for i in ids],
@@ -173,12 +183,12 @@ def run(params: Params, paths: Paths) -> dict:
         if not needed.exists():
             raise InputError(f"{needed}: not found (run the stages before `curate`: dvc repro curate)")
     rows, unlisted = read_url_rows(paths)
-    seed, crawl = read_seed(paths), read_crawl(paths, rows)
-    decided, extra, thresholds = curate(seed, crawl, params.curate, params.seed, pick_device(params.device))
-    decisions = decision_table(rows, crawl, decided)
-    kept_at = {crawl.ids[r]: j for j, r in enumerate(extra.rows)}
-    row_of = {image_id: row for row, image_id in enumerate(crawl.ids)}
-    with atomic_path(paths.curated) as tmp:
+    with atomic_path(paths.curated) as tmp:  # the crawl's vectors are mapped from a file in tmp's folder
+        seed, crawl = read_seed(paths), read_crawl(paths, rows, tmp.parent)
+        decided, extra, thresholds = curate(seed, crawl, params.curate, params.seed, pick_device(params.device))
+        decisions = decision_table(rows, crawl, decided)
+        kept_at = {crawl.ids[r]: j for j, r in enumerate(extra.rows)}
+        row_of = {image_id: row for row, image_id in enumerate(crawl.ids)}
         (tmp / paths.curated_shards.name).mkdir(parents=True)
         write_table(decisions, tmp / paths.decisions.name, DECISION_SCHEMA)
         for shard in shard_files(paths.crawl_shards):
