@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 import dextra.filter.clip_towers  # noqa: F401 (registers the bundled configs' timm towers)
 from dextra.pipeline.atomic import atomic_path, write_json
@@ -130,9 +130,34 @@ def decode_pixels(image_bytes: bytes) -> torch.Tensor:
     return pixels if pixels is not None and pixels.dtype == torch.uint8 else TF.pil_to_tensor(decode(image_bytes))
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_on(device: torch.device | str, images: Sequence[bytes]) -> list[torch.Tensor]:
+    """uint8 (3, H, W) tensors on `device`: the JPEGs decoded there in one call (torchvision's decode_jpeg: nvJPEG
+    on CUDA, batched), and each image that decoder rejects (PNG and other formats, a JPEG nvJPEG cannot read, a
+    corrupt one) by decode_pixels on the CPU, then moved."""
+    out: list[torch.Tensor | None] = [None] * len(images)
+    jpegs = [i for i, data in enumerate(images) if data[:3] == JPEG_MAGIC]
+    data = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in jpegs]
+    try:
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
+    except RuntimeError:  # one image fails the whole batch: find it one at a time
+        decoded = []
+        for tensor in data:
+            try:
+                decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(None)
+    for i, pixels in zip(jpegs, decoded):
+        out[i] = pixels
+    return [pixels if pixels is not None else decode_pixels(images[i]).to(device) for i, pixels in enumerate(out)]
+
+
 def preprocess_pixels(preprocess: Callable, images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The model's own preprocessing (open_clip's transforms take float tensors in [0, 1] as well as PIL images),
-    run once per group of same-sized images instead of once per image. Returns (N, 3, S, S) in input order."""
+    """The model's own preprocessing (open_clip's transforms take float tensors in [0, 1] as well as PIL images, and
+    are torch ops, so they run where the tensors are: on the GPU after decode_on), run once per group of same-sized
+    images instead of once per image. Returns (N, 3, S, S) in input order."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(i)

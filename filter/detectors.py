@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from dextra.filter.index import inner_products, search, single_threaded
+from dextra.filter.index import gpus, inner_products, search, single_threaded
 
 
 def seed_similarity(seed_index: faiss.Index, vectors: np.ndarray, k: int) -> np.ndarray:
@@ -52,9 +52,16 @@ def cluster_detector(
             assignment = np.zeros(len(positions), np.int64)
             centres.append(members.mean(axis=0, keepdims=True))
         else:
-            # faiss trains on at most 256 sampled points a centre, then every member is assigned.
+            # faiss trains on at most 256 sampled points a centre, then every member is assigned; on the GPU when
+            # faiss-gpu sees one (its sums are ordered otherwise, so its centres differ from the CPU's in the last bits)
             kmeans = faiss.Kmeans(
-                members.shape[1], n_clusters, niter=10, seed=seed, spherical=True, min_points_per_centroid=1
+                members.shape[1],
+                n_clusters,
+                niter=10,
+                seed=seed,
+                spherical=True,
+                min_points_per_centroid=1,
+                gpu=gpus() > 0,
             )
             with single_threaded():  # centres and assignments must not depend on the thread count
                 kmeans.train(members)

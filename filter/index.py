@@ -49,8 +49,13 @@ def describe(n: int, dim: int, exact_max: int, memory_budget_bytes: int) -> str:
     return f"IVF{nlist},PQ{max(1, dim // 8)}x8"
 
 
+def gpus() -> int:
+    """CUDA devices faiss can use: 0 with faiss-cpu, which has no get_num_gpus."""
+    return getattr(faiss, "get_num_gpus", lambda: 0)()
+
+
 def _to_gpu(index: faiss.Index) -> faiss.Index:
-    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+    if gpus() > 0:
         return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     return index
 

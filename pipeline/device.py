@@ -13,3 +13,10 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on a CUDA device that has it (weights stay fp32), off elsewhere: for the forward passes run
+    outside accelerate (the prior, sampling), as the trainer's own run inside accelerator.autocast()."""
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

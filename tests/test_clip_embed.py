@@ -200,6 +200,64 @@ def test_batched_decoding_and_preprocessing_match_pil_image_by_image(seeded):
         clip.decode_pixels(b"<html>not an image</html>")
 
 
+def test_device_decoding_takes_the_cpu_path_image_by_image_where_the_jpeg_decoder_fails(monkeypatch):
+    cells = np.random.default_rng(2).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    picture = Image.fromarray(cells).resize((36, 24), Image.Resampling.NEAREST)
+    rejected = encoded(picture.rotate(90, expand=True), "JPEG", quality=90)  # stands for one nvJPEG cannot read
+    files = [
+        encoded(picture, "JPEG", quality=85),
+        encoded(picture, "PNG"),  # not a JPEG: never offered to the device decoder
+        rejected,
+        encoded(picture.convert("L"), "JPEG"),
+        encoded(picture.convert("CMYK"), "JPEG"),
+    ]
+    device_decode, cpu_decode, offered, cpu_decoded = clip.decode_jpeg, clip.decode_pixels, [], []
+
+    def failing_decode(data, **options):
+        batch = data if isinstance(data, list) else [data]
+        offered.append(len(batch))
+        if any(bytes(t.numpy()) == rejected for t in batch):
+            raise RuntimeError("nvJPEG: unsupported")
+        return device_decode(data, **options)
+
+    def counted_decode_pixels(data):
+        cpu_decoded.append(data)
+        return cpu_decode(data)
+
+    monkeypatch.setattr(clip, "decode_jpeg", failing_decode)
+    monkeypatch.setattr(clip, "decode_pixels", counted_decode_pixels)
+    out = clip.decode_on("cpu", files)
+    assert offered == [4, 1, 1, 1, 1]  # the batch of JPEGs, then one by one once it failed
+    assert cpu_decoded == [files[1], rejected]
+    for data, pixels in zip(files, out):
+        assert torch.equal(pixels, torch.from_numpy(np.array(clip.decode(data))).permute(2, 0, 1))
+    with pytest.raises(UnidentifiedImageError):  # corrupt everywhere: the CPU decoder's error, as on the CPU path
+        clip.decode_on("cpu", [files[0], files[0][:3] + b"not a jpeg"])
+
+
+def test_embedding_with_device_decoding_matches_the_cpu_path(seeded):
+    """The CUDA path (decode_on, the model's transforms on device tensors, pHashes of a reduced decode) run on the
+    CPU: the same pixels, so the same embeddings; hashes within a few bits where the decode was reduced."""
+    bundle = clip.create(TINY, None, torch.device("cpu"))
+    bundle.model.eval()
+    rng = np.random.default_rng(3)
+    smooth = np.cumsum(np.cumsum(rng.normal(size=(300, 450, 3)), axis=0), axis=1)
+    smooth = ((smooth - smooth.min()) / np.ptp(smooth) * 255).astype(np.uint8)
+    large = Image.fromarray(smooth)
+    files = [
+        encoded(large, "JPEG", quality=90),  # reduced 2x for its hash
+        encoded(large.resize((45, 30)), "JPEG", quality=90),
+        encoded(large.resize((40, 56)), "PNG"),
+        encoded(large.convert("CMYK").resize((64, 64)), "JPEG"),
+    ]
+    cpu_vectors, cpu_hashes = embed_images(bundle, files, batch_size=3)
+    device_vectors, device_hashes = embed_images(bundle, files, batch_size=3, decode_on_device=True)
+    np.testing.assert_allclose(device_vectors, cpu_vectors, atol=1e-6)
+    assert device_hashes[1:] == cpu_hashes[1:]  # small enough to be decoded in full
+    distance = np.unpackbits(np.bitwise_xor(*(np.frombuffer(h[0], np.uint8) for h in (device_hashes, cpu_hashes))))
+    assert distance.sum() <= 6
+
+
 def test_embed_is_incremental(seeded, png):
     paths, params = seeded
     clip_stage.run(params.model_copy(update={"clip": params.clip.model_copy(update={"train_epochs": 1})}), paths)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer
 
 from dextra.pipeline.atomic import atomic_path
+from dextra.pipeline.device import autocast
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import PriorParams
 from dextra.pipeline.paths import Paths
@@ -112,8 +113,9 @@ def train_prior(
         noise = torch.randn(target.shape, generator=generator).to(device)
         timesteps = torch.randint(TRAIN_STEPS, (len(index),), generator=generator).to(device)
         noised = scheduler.add_noise(target, noise, timesteps)
-        predicted = model(noised, timesteps, proj_embedding=text[index].to(device)).predicted_image_embedding
-        loss = F.mse_loss(predicted, target)
+        with autocast(device):
+            predicted = model(noised, timesteps, proj_embedding=text[index].to(device)).predicted_image_embedding
+        loss = F.mse_loss(predicted.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -137,8 +139,9 @@ def sample_prior(
     sample = torch.randn(repeated.shape, generator=generator).to(device)
     for t in sampler.timesteps:
         timesteps = torch.full((len(repeated),), int(t), device=device, dtype=torch.long)
-        predicted = model(sample, timesteps, proj_embedding=repeated).predicted_image_embedding
-        sample = sampler.step(predicted, t, sample).prev_sample
+        with autocast(device):
+            predicted = model(sample, timesteps, proj_embedding=repeated).predicted_image_embedding
+        sample = sampler.step(predicted.float(), t, sample).prev_sample
     drawn = F.normalize(model.post_process_latents(sample), dim=-1).view(candidates, len(text), -1)
     best = (drawn * F.normalize(text, dim=-1)).sum(-1).argmax(0)
     return drawn[best, torch.arange(len(text), device=device)]

@@ -13,6 +13,7 @@ from diffusers.configuration_utils import FrozenDict
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from dextra.pipeline.device import autocast
 from dextra.pipeline.errors import InputError
 from dextra.pipeline.params import EvaluateParams
 from dextra.train.model import Denoiser, image_resolution, saved_vae
@@ -88,12 +89,15 @@ def generate(
     scheduler = sampler(cfg.sampler, DDPMScheduler.from_pretrained(folder / "scheduler").config)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    return torch.cat(
-        [
-            sample(model, scheduler, chunk.to(device), cfg.sampling_steps, cfg.guidance_scale, generator, vae).cpu()
-            for chunk in tqdm(conditions.split(cfg.batch_size), desc=f"evaluate {label}", unit="batch")
-        ]
-    )
+    with autocast(device):
+        return torch.cat(
+            [
+                sample(model, scheduler, chunk.to(device), cfg.sampling_steps, cfg.guidance_scale, generator, vae)
+                .float()
+                .cpu()
+                for chunk in tqdm(conditions.split(cfg.batch_size), desc=f"evaluate {label}", unit="batch")
+            ]
+        )
 
 
 def image_grid(images: torch.Tensor, captions: Sequence[str] | None = None, cell: int = 128) -> Image.Image:
