@@ -63,6 +63,29 @@ def rows_embed(r: dict) -> list[tuple[str, str, str]]:
             f"{r['stage_images_per_s']:.0f} vs {r['model_only_images_per_s']:.0f} images/s, "
             f"{r['device']}, batch {r['batch_size']}",
         )
+    ] + (
+        [
+            (
+                "embed: stage ÷ model-only images/s, ViT-B-32 at 224 px",
+                f"{r['vit_b_32']['ratio']:.2f}",
+                f"{r['vit_b_32']['stage_images_per_s']:.0f} vs {r['vit_b_32']['model_only_images_per_s']:.0f} "
+                f"images/s, {r['device']}, batch {r['vit_b_32']['batch_size']}, random weights",
+            )
+        ]
+        if "vit_b_32" in r
+        else []
+    )
+
+
+def rows_gpu(r: dict) -> list[tuple[str, str, str]]:
+    return [
+        ("GPU embed: stage ÷ model-only, ViT-B-32 224 px", f"{r['embed']['ratio']:.2f}", r["device"]),
+        ("GPU train: trainer ÷ synthetic steps/s, DiT-L/2-like", f"{r['train']['ratio']:.2f}", r["device"]),
+        (
+            f"GPU curate core: {r['curate']['crawled']:,} crawled",
+            f"{r['curate']['seconds']:.0f} s",
+            r["curate"]["faiss"],
+        ),  # noqa: E501
     ]
 
 
@@ -184,6 +207,7 @@ RENDERERS = {
     "curation_ablation": rows_curation_ablation,
     "embed": rows_embed,
     "curate_scale": rows_curate_scale,
+    "gpu": rows_gpu,
 }
 
 
