@@ -52,16 +52,16 @@ class Host:
             self.peak = max(self.peak, self.in_flight)
         try:
             time.sleep(self.serve_s)
-            if code == 200:
-                send(handler, 200, JPEG)
-            else:
-                headers = {"Content-Type": "text/plain"}
-                if self.retry_after:
-                    headers["Retry-After"] = self.retry_after
-                send(handler, code, b"slow down", headers)
-        finally:
+        finally:  # out of flight before the answer: its client may start the next request on reading it
             with self.lock:
                 self.in_flight -= 1
+        if code == 200:
+            send(handler, 200, JPEG)
+        else:
+            headers = {"Content-Type": "text/plain"}
+            if self.retry_after:
+                headers["Retry-After"] = self.retry_after
+            send(handler, code, b"slow down", headers)
 
     def starts(self, prefix: str = "/") -> list[float]:
         return sorted(t for path, t, _ in self.log if path.startswith(prefix))
