@@ -31,12 +31,7 @@ from PIL import Image
 
 COARSE_SIDE = 8  # the grid coarse placements are scored on
 FINE_SIDE = 12  # the grid refined placements are scored on
-CROP_SIDES = (
-    1.0,
-    0.9,
-    0.8,
-    0.7,
-)  # reference windows, as a fraction of each side (independently): 0.7^2 is half the area
+CROP_SIDES = (1.0, 0.85, 0.7)  # reference windows, a fraction of each side (independently): 0.7^2 is half the area
 CROP_POSITIONS = (0.0, 0.5, 1.0)  # where a window sits along each axis, of the room left
 STRIPS = (0.14, 0.2)  # the share of one side a caption bar takes, cut off the candidate (refinement finds the rest)
 FIRST_STEP, LAST_STEP = 0.08, 0.005  # refinement moves a window's edge by this share of its side, halving down to LAST
@@ -183,32 +178,32 @@ class CopyIndex:
         """R^2 (placements, views) of every coarse placement of reference `row` on every view of the candidate."""
         x = self._reference(row).x  # (placements, n, 3)
         p, n, _ = x.shape
-        explained = (x.transpose(1, 2).reshape(p * 3, n) @ candidate.y).square()
-        return explained.reshape(p, 3, -1, 3).sum(dim=(1, 3)) / candidate.total
+        explained = (x.transpose(1, 2).reshape(p * 3, n) @ candidate.y).square_()
+        return explained.view(p, 3, -1, 3).sum(dim=3).sum(dim=1) / candidate.total
 
     def best(self, pixels: np.ndarray, rows: Sequence[int], gate: float) -> tuple[float, int]:
-        """The copy score of an (H, W, 3) picture against the references in rows (its best refined score, or its best
-        coarse score where none passed the gate) and the row of that reference (-1 for no rows)."""
+        """The copy score of an (H, W, 3) picture against the references in rows, and that reference's row (-1 for
+        no rows): the refined score where a pair passed the gate, else the best coarse score (under the gate)."""
         if not len(rows):
             return 0.0, -1
         coarse, fine = self.score(Candidate(pixels), rows, gate)
-        scores = np.where(np.isnan(fine), coarse, fine)
-        at = int(scores.argmax())
+        scores = fine if np.isfinite(fine).any() else coarse
+        at = int(np.nanargmax(scores))
         return float(scores[at]), int(rows[at])
 
     def score(self, candidate: Candidate, rows: Sequence[int], gate: float) -> tuple[np.ndarray, np.ndarray]:
-        """For each reference row: the coarse score (best R^2 of any coarse placement) and the refined score of its
-        REFINED best placements (NaN where the coarse score is under `gate`, the only pairs worth refining)."""
-        coarse, fine = np.zeros(len(rows), np.float32), np.full(len(rows), np.nan, np.float32)
-        for i, row in enumerate(rows):
-            r2 = self.coarse(candidate, int(row))
-            coarse[i] = float(r2.max())
-            if coarse[i] < gate:
-                continue
+        """For each reference row: the coarse score (best R^2 of any coarse placement), and the refined score (NaN
+        but for the pair with the best coarse score, if that passes `gate`: a copy's own reference outscores the
+        others, so one refinement per candidate bounds the cost)."""
+        fits = [self.coarse(candidate, int(row)) for row in rows]
+        coarse = np.array([float(r2.max()) for r2 in fits], np.float32)
+        fine = np.full(len(rows), np.nan, np.float32)
+        at = int(coarse.argmax()) if len(rows) else 0
+        if len(rows) and coarse[at] >= gate:
+            r2 = fits[at]
             best = r2.flatten().topk(min(REFINED, r2.numel())).indices
-            fine[i] = max(
-                self._refine(self._reference(int(row)), candidate, *divmod(int(b), r2.shape[1])) for b in best
-            )
+            ref = self._reference(int(rows[at]))
+            fine[at] = max(self._refine(ref, candidate, *divmod(int(b), r2.shape[1])) for b in best)
         return coarse, fine
 
     def _refine(self, ref: _Reference, candidate: Candidate, placement: int, view: int) -> float:

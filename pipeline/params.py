@@ -211,7 +211,7 @@ class CurateParams(_Section):
         4, ge=1, le=1024, description="seed test images nearest by CLIP that each crawled image is verified against"
     )
     leak_gate: float = Field(
-        0.85, ge=0, le=1, description="coarse alignment R^2 a crawled-test pair needs to be refined"
+        0.7, ge=0, le=1, description="coarse alignment R^2 a crawled-test pair needs to be refined"
     )
     leak_copy_score: float = Field(
         0.94, ge=0, le=1, description="refined alignment R^2 at which a crawled image copies a seed test image"
