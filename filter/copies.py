@@ -21,14 +21,16 @@ which dedup.py uses) fail on rotations, large crops and hue changes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+PROPOSAL_SIDE = 6  # the grid every reference is compared with every candidate on, to propose references
 COARSE_SIDE = 8  # the grid coarse placements are scored on
 FINE_SIDE = 12  # the grid refined placements are scored on
 CROP_SIDES = (1.0, 0.85, 0.7)  # reference windows, a fraction of each side (independently): 0.7^2 is half the area
@@ -154,20 +156,58 @@ class Candidate:
     def __init__(self, pixels: np.ndarray):
         self.image = _image(pixels)
         self.boxes = candidate_boxes(pixels)
-        y = _centred(_sample(self.image, self.boxes, COARSE_SIDE))
-        self.y = y.permute(1, 0, 2).reshape(COARSE_SIDE**2, -1)  # (n, views * 3)
+        self.y, self.total = self._views(COARSE_SIDE)
+        self.proposal_y, self.proposal_total = self._views(PROPOSAL_SIDE)
+
+    def _views(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views on a side x side grid, centred, as (n, views * 3), and each view's sum of squares (inf for a
+        flat view: it explains nothing)."""
+        y = _centred(_sample(self.image, self.boxes, side))
         total = (y * y).sum(dim=(1, 2))
-        self.total = torch.where(total > MIN_VARIANCE * COARSE_SIDE**2 * 3, total, torch.inf)
+        return y.permute(1, 0, 2).reshape(side**2, -1), torch.where(
+            total > MIN_VARIANCE * side**2 * 3, total, torch.inf
+        )
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread: the matrices here are small, and on a shared machine a second thread waits more than it
+    works (a leak check took 4x longer with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class CopyIndex:
-    """The seed test pictures, against which candidates are verified (a reference is prepared the first time a
-    candidate is checked against it)."""
+    """The seed test pictures, against which candidates are verified (a reference's coarse placements are prepared
+    the first time a candidate is checked against it).
+
+    Besides the references a caller proposes (CLIP's nearest), every candidate is compared with every reference on a
+    PROPOSAL_SIDE grid, whole picture against each view, in the reference's 8 turns: CLIP, which is neither rotation
+    nor colour invariant, misses the rotated, mirrored and recoloured copies that this finds."""
 
     def __init__(self, ids: Sequence[str], pictures: Sequence[np.ndarray]):
         self.ids = list(ids)
         self.pictures = list(pictures)
         self._references: dict[int, _Reference] = {}
+        whole = [
+            _sample(_image(p), np.array([[0, 0, p.shape[1], p.shape[0]]], np.float32), PROPOSAL_SIDE) for p in pictures
+        ]
+        grids = torch.cat(whole) if whole else torch.zeros(0, PROPOSAL_SIDE, PROPOSAL_SIDE, 3)
+        x = _whitened(_centred(torch.stack([_turn(grids, t) for t in range(8)], dim=1)))  # (refs, 8, n, 3)
+        self._proposal = x.transpose(2, 3).reshape(-1, PROPOSAL_SIDE**2)  # (refs * 8 * 3, n)
+
+    def propose(self, candidate: Candidate, count: int) -> np.ndarray:
+        """The rows of the `count` references whose whole picture, in some turn, best explains a view of the
+        candidate on the PROPOSAL_SIDE grid."""
+        if not count or not len(self.ids):
+            return np.zeros(0, np.int64)
+        explained = (self._proposal @ candidate.proposal_y).square_()
+        r2 = explained.view(len(self.ids), 8, 3, -1, 3).sum(dim=4).sum(dim=2) / candidate.proposal_total
+        return r2.flatten(1).max(dim=1).values.topk(min(count, len(self.ids))).indices.numpy()
 
     def _reference(self, row: int) -> _Reference:
         if row not in self._references:
@@ -181,15 +221,18 @@ class CopyIndex:
         explained = (x.transpose(1, 2).reshape(p * 3, n) @ candidate.y).square_()
         return explained.view(p, 3, -1, 3).sum(dim=3).sum(dim=1) / candidate.total
 
-    def best(self, pixels: np.ndarray, rows: Sequence[int], gate: float) -> tuple[float, int]:
-        """The copy score of an (H, W, 3) picture against the references in rows, and that reference's row (-1 for
-        no rows): the refined score where a pair passed the gate, else the best coarse score (under the gate)."""
-        if not len(rows):
+    def best(self, pixels: np.ndarray, rows: Sequence[int], gate: float, proposals: int = 0) -> tuple[float, int]:
+        """The copy score of an (H, W, 3) picture against the references in rows and the `proposals` references
+        propose() finds, and that reference's row (-1 for none): the refined score where a pair passed the gate,
+        else the best coarse score (under the gate)."""
+        candidate = Candidate(pixels)
+        rows = list(dict.fromkeys([*map(int, rows), *self.propose(candidate, proposals).tolist()]))
+        if not rows:
             return 0.0, -1
-        coarse, fine = self.score(Candidate(pixels), rows, gate)
+        coarse, fine = self.score(candidate, rows, gate)
         scores = fine if np.isfinite(fine).any() else coarse
         at = int(np.nanargmax(scores))
-        return float(scores[at]), int(rows[at])
+        return float(scores[at]), rows[at]
 
     def score(self, candidate: Candidate, rows: Sequence[int], gate: float) -> tuple[np.ndarray, np.ndarray]:
         """For each reference row: the coarse score (best R^2 of any coarse placement), and the refined score (NaN

@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 import torch
 
-from dextra.filter.copies import CopyIndex, decode
+from dextra.filter.copies import CopyIndex, decode, one_thread
 from dextra.filter.dedup import exact_duplicates, near_duplicates
 from dextra.filter.detectors import SeedClassifier, cluster_detector, seed_spread_threshold
 from dextra.filter.extrapolate import extrapolate_batch
@@ -228,9 +228,10 @@ READ_ROWS = 10_000  # crawled images decoded at once by the leak detector
 
 class Leaks:
     """A near copy of a seed test image: CLIP proposes the curate.leak_candidates test images nearest to each crawled
-    image still in question, and alignment verifies each pair (filter/copies.py); CLIP similarity alone misses most
-    copies, and a copy's alignment score needs no CLIP agreement (the demo CLIP can call a recoloured copy
-    dissimilar). A pair's coarse score must pass curate.leak_gate to be refined; a refined score of
+    image still in question, a whole-picture comparison with every test image in its 8 turns proposes
+    curate.leak_proposals more (CLIP misses rotated, mirrored and recoloured copies), and alignment verifies each
+    pair (filter/copies.py); a copy's alignment score needs no CLIP agreement (the demo CLIP can call a recoloured
+    copy dissimilar). A pair's coarse score must pass curate.leak_gate to be refined; a refined score of
     curate.leak_copy_score or more is a leak."""
 
     outcome = "leak"
@@ -245,19 +246,20 @@ class Leaks:
             return
         copies = CopyIndex(seed.test_ids, [decode(image) for image in seed.test_images])
         open_rows = decisions.open_rows()
-        for start in range(0, len(open_rows), READ_ROWS):
-            rows = open_rows[start : start + READ_ROWS]
-            for row, image in zip(rows, crawl.read_images(rows)):
-                candidates = leak_rows[row][leak_rows[row] >= 0]
-                score, test_row = copies.best(decode(image), candidates, cfg.leak_gate)
-                decisions.leak_copy_score[row] = score
-                if score < cfg.leak_copy_score:
-                    continue
-                test_id = seed.test_ids[test_row]
-                similarity = leak_scores[row][candidates.tolist().index(test_row)]
-                decisions.leak_of[row], decisions.leak_similarity[row] = test_id, similarity
-                detail = f"copies seed test image {test_id}: alignment R^2 {score:.3f} >= {cfg.leak_copy_score}"
-                decisions.drop([row], self.outcome, [f"{detail}, CLIP {similarity:.3f}"])
+        with one_thread():
+            for start in range(0, len(open_rows), READ_ROWS):
+                rows = open_rows[start : start + READ_ROWS]
+                for row, image in zip(rows, crawl.read_images(rows)):
+                    proposed = leak_rows[row][leak_rows[row] >= 0]
+                    score, test_row = copies.best(decode(image), proposed, cfg.leak_gate, cfg.leak_proposals)
+                    decisions.leak_copy_score[row] = score
+                    if score < cfg.leak_copy_score:
+                        continue
+                    test_id = seed.test_ids[test_row]
+                    similarity = float(seed.test_vectors[test_row] @ crawl.vectors[row])
+                    decisions.leak_of[row], decisions.leak_similarity[row] = test_id, similarity
+                    detail = f"copies seed test image {test_id}: alignment R^2 {score:.3f} >= {cfg.leak_copy_score}"
+                    decisions.drop([row], self.outcome, [f"{detail}, CLIP {similarity:.3f}"])
 
 
 class Clusters:

@@ -208,7 +208,10 @@ class CurateParams(_Section):
     )
     # leaks: CLIP proposes, alignment verifies (filter/copies.py)
     leak_candidates: int = Field(
-        4, ge=1, le=1024, description="seed test images nearest by CLIP that each crawled image is verified against"
+        2, ge=1, le=1024, description="seed test images nearest by CLIP that each crawled image is verified against"
+    )
+    leak_proposals: int = Field(
+        2, ge=0, le=1024, description="more test images, best by a whole-picture comparison in 8 turns, verified too"
     )
     leak_gate: float = Field(
         0.7, ge=0, le=1, description="coarse alignment R^2 a crawled-test pair needs to be refined"
