@@ -7,9 +7,10 @@ replaced (filter/dedup.py's LeakBank), measured in the same run.
 Every copy is stored as fetch stores it: img2dataset's Resizer with the fetch params (size, mode, format, quality).
 Also scored: altered copies of seed *train* images (a leak detector must not call those leaks of a test image) and
 look-alikes (a new handwritten sample of the same digit in the same colours on the same background, which is not a
-copy). Curate verifies each crawled image against the curate.leak_candidates test images CLIP ranks nearest; here
-each copy and look-alike is verified against its own test image and leak_candidates - 1 others drawn at random (so
-CLIP's ranking is assumed: the demo's curate measures it), and each train copy against every test image. Recall is
+copy). Curate verifies each crawled image against the curate.leak_candidates test images CLIP ranks nearest and the
+curate.leak_proposals that CopyIndex.propose finds; here each copy and look-alike is verified against its own test
+image, leak_candidates - 1 others drawn at random and those proposed (CLIP's ranking is assumed: the demo's curate
+measures the whole), and each train copy against every test image. Recall is
 given at curate.leak_copy_score and at the threshold that keeps look-alike alarms at 1%. Seconds are per candidate
 (leak_candidates pairs), and the cost of 1M crawled images against 10k test images is estimated from the per-pair
 times and the share of non-copies that pass the gate. Writes bench/results/leak_recall.json.
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from img2dataset.resizer import Resizer
 
-from dextra.filter.copies import Candidate, CopyIndex, decode
+from dextra.filter.copies import Candidate, CopyIndex, decode, one_thread
 from dextra.filter.dedup import LeakBank, phash
 from dextra.pipeline.atomic import write_json
 from dextra.pipeline.demo.alterations import FAMILIES, alter
@@ -111,20 +112,27 @@ def main(argv: list[str] | None = None) -> int:
         copies.best(images[test_ids[row]].pixels, [row], 1.0)  # prepares every reference
     index_s["alignment"] = time.perf_counter() - start
     rng = np.random.default_rng(params.seed)
-    scores, timed, refined, coarse_pairs, coarse_s = np.zeros(len(rows)), [], [], 0, 0.0
+    scores, timed, refined, coarse_pairs, coarse_s, propose_s = np.zeros(len(rows)), [], [], 0, 0.0, 0.0
     for i, (kind, _, source, data) in enumerate(rows):
         pixels = decode(data)
         if kind == "train_copy":
             start = time.perf_counter()
-            coarse, fine = copies.score(Candidate(pixels), range(len(test_ids)), cfg.leak_gate)
-            coarse_s += time.perf_counter() - start
+            with one_thread():
+                candidate = Candidate(pixels)
+                coarse, fine = copies.score(candidate, range(len(test_ids)), cfg.leak_gate)
+                coarse_s += time.perf_counter() - start
+                start = time.perf_counter()
+                proposed = copies.propose(candidate, cfg.leak_proposals)
+                propose_s += time.perf_counter() - start
             coarse_pairs += len(test_ids)
-            refined.append(coarse[rng.choice(len(test_ids), cfg.leak_candidates, False)].max() >= cfg.leak_gate)
+            drawn = [*rng.choice(len(test_ids), cfg.leak_candidates, False), *proposed]
+            refined.append(coarse[drawn].max() >= cfg.leak_gate)
             scores[i] = np.nanmax(fine) if np.isfinite(fine).any() else coarse.max()  # as CopyIndex.best
             continue
         others = rng.choice([r for r in range(len(test_ids)) if r != row_of[source]], cfg.leak_candidates - 1, False)
         start = time.perf_counter()
-        scores[i], found = copies.best(pixels, [row_of[source], *others], cfg.leak_gate)
+        with one_thread():
+            scores[i], found = copies.best(pixels, [row_of[source], *others], cfg.leak_gate, cfg.leak_proposals)
         timed.append(time.perf_counter() - start)
         scores[i] = scores[i] if found == row_of[source] else 0.0  # a copy must be found as a copy of its source
     per_image_s["alignment"] = float(np.mean(timed))
@@ -143,23 +151,29 @@ def main(argv: list[str] | None = None) -> int:
             "train_copy_false_alarms": int(alarms[name][kinds == "train_copy"].sum()),
             "lookalike_false_alarm_rate": float(alarms[name][kinds == "lookalike"].mean()),
         }
-    # cost at scale: every crawled image is checked coarsely against leak_candidates test images, and its best pair is
-    # refined if it passes the gate (the share of train copies whose best coarse score against leak_candidates random
-    # test images passes; a copy's time, its leak_candidates coarse pairs and one refinement, gives the refinement's)
+    # cost at scale: every crawled image is compared whole with every test image (propose), checked coarsely against
+    # leak_candidates + leak_proposals test images, and its best pair is refined if it passes the gate (the share of
+    # train copies whose best coarse score against leak_candidates random and the proposed test images passes; a
+    # copy's time, less its proposal and coarse pairs, gives the refinement's)
+    checked = cfg.leak_candidates + cfg.leak_proposals
     pass_rate = float(np.mean(refined)) if refined else 0.0
     coarse_pair_s = coarse_s / max(1, coarse_pairs)
-    refine_s = max(0.0, per_image_s["alignment"] - cfg.leak_candidates * coarse_pair_s)
-    pairs = 1_000_000 * cfg.leak_candidates
+    propose_pair_s = propose_s / max(1, len(refined) * len(test_ids))
+    refine_s = max(0.0, per_image_s["alignment"] - checked * coarse_pair_s - len(test_ids) * propose_pair_s)
+    crawled, tests = 1_000_000, 10_000
     result["cost"] = {
         "coarse_seconds_per_pair": coarse_pair_s,
+        "propose_seconds_per_pair": propose_pair_s,
         "refine_seconds": refine_s,
         "non_copy_refined_share": pass_rate,
         "1M_x_10k": {
-            "pairs_coarse": pairs,
-            "pairs_refined_estimate": 1_000_000 * pass_rate,
-            "seconds_estimate": pairs * coarse_pair_s
-            + 1_000_000 * pass_rate * refine_s
-            + 10_000 * index_s["alignment"] / len(test_ids),
+            "pairs_proposed": crawled * tests,
+            "pairs_coarse": crawled * checked,
+            "pairs_refined_estimate": crawled * pass_rate,
+            "seconds_estimate": crawled * tests * propose_pair_s
+            + crawled * checked * coarse_pair_s
+            + crawled * pass_rate * refine_s
+            + tests * index_s["alignment"] / len(test_ids),
         },
     }
     result["seconds_per_candidate"] = per_image_s
@@ -184,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     scale = result["cost"]["1M_x_10k"]
     print(
-        f"1M crawled x 10k test: {scale['pairs_coarse']:.3g} pairs checked, {scale['pairs_refined_estimate']:.3g} "
-        f"refined, about {scale['seconds_estimate']:.3g} s on one core"
+        f"1M crawled x 10k test: {scale['pairs_proposed']:.3g} pairs compared whole, {scale['pairs_coarse']:.3g} "
+        f"checked, {scale['pairs_refined_estimate']:.3g} refined, about {scale['seconds_estimate']:.3g} s on one core"
     )
     write_json(root.bench_result("leak_recall", args.small), result)
     return 0

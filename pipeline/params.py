@@ -214,7 +214,7 @@ class CurateParams(_Section):
         2, ge=0, le=1024, description="more test images, best by a whole-picture comparison in 8 turns, verified too"
     )
     leak_gate: float = Field(
-        0.7, ge=0, le=1, description="coarse alignment R^2 a crawled-test pair needs to be refined"
+        0.8, ge=0, le=1, description="coarse alignment R^2 a crawled-test pair needs to be refined"
     )
     leak_copy_score: float = Field(
         0.94, ge=0, le=1, description="refined alignment R^2 at which a crawled image copies a seed test image"
