@@ -35,6 +35,9 @@ COARSE_SIDE = 8  # the grid coarse placements are scored on
 FINE_SIDE = 12  # the grid refined placements are scored on
 CROP_SIDES = (1.0, 0.85, 0.7)  # reference windows, a fraction of each side (independently): 0.7^2 is half the area
 CROP_POSITIONS = (0.0, 0.5, 1.0)  # where a window sits along each axis, of the room left
+# content boxes: (colour tolerance, pixels left out where a border was cut); the demo web's recompressed borders
+# need the first, bench/leak_recall.py's pads the second (pad recall there 0.50 with the first alone, 0.72 with both)
+BORDERS = ((24, 2), (60, 3))
 STRIPS = (0.14, 0.2)  # the share of one side a caption bar takes, cut off the candidate (refinement finds the rest)
 FIRST_STEP, LAST_STEP = 0.08, 0.01  # refinement moves a window's edge by this share of its side, halving down to LAST
 REFINED = 1  # coarse placements refined per pair
@@ -93,10 +96,10 @@ def _spans(n: int, side: float) -> list[tuple[float, float]]:
     return sorted({((n - n * side) * at, (n - n * side) * at + n * side) for at in CROP_POSITIONS})
 
 
-def _content_box(pixels: np.ndarray, tolerance: int = 24) -> tuple[int, int, int, int]:
+def _content_box(pixels: np.ndarray, tolerance: int, cut_inset: int) -> tuple[int, int, int, int]:
     """The box (x0, y0, x1, y1) of the picture without a border of one colour (the colour of most of its corners).
-    A resized border blends into the picture's outer pixels, so the box leaves out one pixel along each side, two
-    where a border was cut."""
+    A resized, recompressed border blends into the picture's outer pixels, so the box leaves out one pixel along
+    each side, cut_inset where a border was cut."""
     h, w = pixels.shape[:2]
     corners = pixels[[0, 0, -1, -1], [0, -1, 0, -1]].astype(np.int16)
     border = corners[np.abs(corners - np.median(corners, axis=0)).max(axis=1).argmin()]
@@ -105,14 +108,15 @@ def _content_box(pixels: np.ndarray, tolerance: int = 24) -> tuple[int, int, int
     if len(rows) < 8 or len(cols) < 8:
         return 0, 0, w, h
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    return x0 + 1 + (x0 > 0), y0 + 1 + (y0 > 0), x1 - 1 - (x1 < w), y1 - 1 - (y1 < h)
+    inset = cut_inset - 1
+    return x0 + 1 + inset * (x0 > 0), y0 + 1 + inset * (y0 > 0), x1 - 1 - inset * (x1 < w), y1 - 1 - inset * (y1 < h)
 
 
 def candidate_boxes(pixels: np.ndarray) -> np.ndarray:
-    """Views (m, 4) of a candidate that undo framing: the whole picture, its content without a uniform border,
-    each less a strip along one side, and for a non-square picture its square at each end and centre."""
+    """Views (m, 4) of a candidate that undo framing: the whole picture, its content without a uniform border (two
+    ways), each less a strip along one side, and for a non-square picture its square at each end and centre."""
     h, w = pixels.shape[:2]
-    boxes = {(0, 0, w, h), _content_box(pixels)}
+    boxes = {(0, 0, w, h), *(_content_box(pixels, *border) for border in BORDERS)}
     for strip in STRIPS:
         dy, dx = round(h * strip), round(w * strip)
         boxes |= {(0, dy, w, h), (0, 0, w, h - dy), (dx, 0, w, h), (0, 0, w - dx, h)}
