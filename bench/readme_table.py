@@ -159,12 +159,12 @@ def rows_method_ablation(r: dict) -> list[tuple[str, str, str]]:
 
 
 def rows_leak_recall(r: dict) -> list[tuple[str, str, str]]:
-    names = {"phash": "pHash crop banks (curate)", "structure_fixed": "structure maps, fixed threshold",
-             "structure_1pct_lookalikes": "structure maps, ≤1% look-alike alarms"}  # fmt: skip
+    names = {"phash": "pHash crop banks (replaced)", "alignment": "alignment (curate, leak_copy_score)",
+             "alignment_1pct_lookalikes": "alignment, ≤1% look-alike alarms"}  # fmt: skip
     rows = []
     for name, d in r["detectors"].items():
         recall = d["recall"]
-        threshold = r["structure_thresholds"].get(name)
+        threshold = r["thresholds"].get(name)
         rows.append(
             (
                 f"leak recall: {names.get(name, name)}" + (f" ({threshold:.3f})" if threshold else ""),
@@ -174,6 +174,22 @@ def rows_leak_recall(r: dict) -> list[tuple[str, str, str]]:
                 f"{d['train_copy_false_alarms']}",
             )
         )
+    cost, scale = r["cost"], r["cost"]["1M_x_10k"]
+    per_pair = (
+        f"whole-picture proposal {cost['propose_seconds_per_pair'] * 1e6:.1f} µs a pair, coarse "
+        f"{cost['coarse_seconds_per_pair'] * 1e3:.2f} ms a pair, refinement {cost['refine_seconds'] * 1e3:.1f} ms"
+    )
+    at_scale = (
+        f"1M crawled x 10k test: {scale['pairs_proposed']:.2g} pairs compared whole, {scale['pairs_coarse']:.2g} "
+        f"checked, {scale['pairs_refined_estimate']:.2g} refined, about {scale['seconds_estimate']:.2g} s on one core"
+    )
+    rows.append(
+        (
+            "leak check cost (alignment)",
+            f"{r['seconds_per_candidate']['alignment'] * 1e3:.1f} ms a copy",
+            f"{per_pair}; {at_scale}",
+        )
+    )
     return rows
 
 

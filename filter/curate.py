@@ -19,14 +19,14 @@ import faiss
 import numpy as np
 import torch
 
-from dextra.filter.dedup import LeakBank, exact_duplicates, near_duplicates
+from dextra.filter.copies import CopyIndex, decode, one_thread
+from dextra.filter.dedup import exact_duplicates, near_duplicates
 from dextra.filter.detectors import SeedClassifier, cluster_detector, seed_spread_threshold
 from dextra.filter.extrapolate import extrapolate_batch
 from dextra.filter.index import (
     SEARCH_BATCH,
     add_to_lists,
     build_index,
-    inner_products,
     lists_over,
     search,
     search_lists,
@@ -79,7 +79,7 @@ class Decisions:
     cluster: np.ndarray
     predicted_class: np.ndarray
     leak_similarity: np.ndarray
-    leak_hash_distance: np.ndarray
+    leak_copy_score: np.ndarray
     seed_similarity: np.ndarray
     cluster_similarity: np.ndarray
     class_confidence: np.ndarray
@@ -222,30 +222,43 @@ class NearDuplicates:
             decisions.drop([ctx.position(copy)], self.outcome, ["near copy"])
 
 
+READ_ROWS = 10_000  # crawled images decoded at once by the leak detector
+
+
 class Leaks:
-    """A near copy of a seed test image: the closest test image by CLIP for every image, and a pHash match against
-    the crop banks of all test images, confirmed by CLIP similarity (curate.leak_similarity)."""
+    """A near copy of a seed test image: CLIP proposes the curate.leak_candidates test images nearest to each crawled
+    image still in question, a whole-picture comparison with every test image in its 8 turns proposes
+    curate.leak_proposals more (CLIP misses rotated, mirrored and recoloured copies), and alignment verifies each
+    pair (filter/copies.py); a copy's alignment score needs no CLIP agreement (the demo CLIP can call a recoloured
+    copy dissimilar). A pair's coarse score must pass curate.leak_gate to be refined; a refined score of
+    curate.leak_copy_score or more is a leak."""
 
     outcome = "leak"
 
     def __call__(self, ctx: Context, decisions: Decisions) -> None:
         seed, crawl, cfg = ctx.seed, ctx.crawl, ctx.cfg
         test_index = build_index(seed.test_vectors, cfg.exact_index_max, nprobe=cfg.nprobe, seed=ctx.random_seed)
-        leak_scores, leak_rows = search(test_index, crawl.vectors, 1)
+        leak_scores, leak_rows = search(test_index, crawl.vectors, min(cfg.leak_candidates, len(seed.test_ids)))
         decisions.leak_similarity[:] = leak_scores[:, 0]
         decisions.leak_of[:] = np.asarray(seed.test_ids, object)[leak_rows[:, 0]]
-        if crawl.hashes is None or seed.test_images is None:
+        if crawl.read_images is None or seed.test_images is None:
             return
-        closest, matched = LeakBank(seed.test_ids, seed.test_images).matches(crawl.hashes, cfg.leak_hash_distance)
-        decisions.leak_hash_distance[:] = closest
-        for row in np.flatnonzero(closest <= cfg.leak_hash_distance):
-            similarities = inner_products(crawl.vectors[row : row + 1], seed.test_vectors, matched[row][None])[0]
-            best = int(similarities.argmax())
-            if similarities[best] >= cfg.leak_similarity:
-                test_id = seed.test_ids[matched[row][best]]
-                decisions.leak_of[row], decisions.leak_similarity[row] = test_id, similarities[best]
-                detail = f"copies seed test image {test_id}: pHash within {cfg.leak_hash_distance} bits"
-                decisions.drop([row], self.outcome, [f"{detail}, CLIP {similarities[best]:.3f}"])
+        copies = CopyIndex(seed.test_ids, [decode(image) for image in seed.test_images])
+        open_rows = decisions.open_rows()
+        with one_thread():
+            for start in range(0, len(open_rows), READ_ROWS):
+                rows = open_rows[start : start + READ_ROWS]
+                for row, image in zip(rows, crawl.read_images(rows)):
+                    proposed = leak_rows[row][leak_rows[row] >= 0]
+                    score, test_row = copies.best(decode(image), proposed, cfg.leak_gate, cfg.leak_proposals)
+                    decisions.leak_copy_score[row] = score
+                    if score < cfg.leak_copy_score:
+                        continue
+                    test_id = seed.test_ids[test_row]
+                    similarity = float(seed.test_vectors[test_row] @ crawl.vectors[row])
+                    decisions.leak_of[row], decisions.leak_similarity[row] = test_id, similarity
+                    detail = f"copies seed test image {test_id}: alignment R^2 {score:.3f} >= {cfg.leak_copy_score}"
+                    decisions.drop([row], self.outcome, [f"{detail}, CLIP {similarity:.3f}"])
 
 
 class Clusters:

@@ -85,8 +85,8 @@ def _score_lines(row: dict) -> list[str]:
             lines.append(f"{label} {row[key]:.3f}")
     if row["predicted_class"] is not None:
         lines.append(f"predicted class {row['predicted_class']}")
-    if row["leak_hash_distance"] is not None:
-        lines.append(f"pHash bits to test {row['leak_hash_distance']}")
+    if row["leak_copy_score"] is not None:
+        lines.append(f"copy score to test {row['leak_copy_score']:.3f}")
     return lines
 
 
@@ -134,9 +134,9 @@ def render(
         ),
         ("class_confidence", min_class_confidence, "classifier confidence (class detector)"),
         (
-            "leak_hash_distance",
-            summary["leak_hash_distance"],
-            "pHash bits to the closest crop of a seed test image (leak below)",
+            "leak_copy_score",
+            summary["leak_copy_score"],
+            "alignment R^2 to the best-aligned of the CLIP-nearest seed test images (leak above)",
         ),
     ):
         values = [r[key] for r in rows if r[key] is not None]
@@ -160,7 +160,7 @@ def render(
         {
             "leak_of": r["leak_of"],
             "crawled": _card(
-                images.get(r["url_id"]), ["crawled", r["url_id"], f"pHash bits {r['leak_hash_distance']}"]
+                images.get(r["url_id"]), ["crawled", r["url_id"], f"copy score {r['leak_copy_score']:.3f}"]
             ),
             "test": _card(test_images.get(r["leak_of"]), ["seed test", r["leak_of"]]),
         }

@@ -199,18 +199,25 @@ class CurateParams(_Section):
     ridge: float = Field(0.01, ge=0, le=100.0, description="ridge term of the least-squares weights")
     # similarity to the seed set, and the thresholds calibrated on the seed's own spread
     seed_k: int = Field(5, ge=1, le=256, description="nearest seed images averaged into a similarity-to-seed score")
-    # duplicates and leaks: CLIP proposes, a perceptual hash confirms
+    # duplicates: CLIP proposes, a perceptual hash confirms
     near_duplicate_similarity: float = Field(
         0.9, ge=-1, le=1, description="CLIP similarity above which two crawled images are compared as possible copies"
     )
     near_duplicate_hash_distance: int = Field(
         8, ge=0, le=64, description="pHash bits within which a possible copy is a copy"
     )
-    leak_hash_distance: int = Field(
-        8, ge=0, le=64, description="pHash bits within which a crawled image copies a seed test image"
+    # leaks: CLIP proposes, alignment verifies (filter/copies.py)
+    leak_candidates: int = Field(
+        2, ge=1, le=1024, description="seed test images nearest by CLIP that each crawled image is verified against"
     )
-    leak_similarity: float = Field(
-        -1.0, ge=-1, le=1, description="CLIP similarity to that test image needed to confirm a leak"
+    leak_proposals: int = Field(
+        2, ge=0, le=1024, description="more test images, best by a whole-picture comparison in 8 turns, verified too"
+    )
+    leak_gate: float = Field(
+        0.8, ge=0, le=1, description="coarse alignment R^2 a crawled-test pair needs to be refined"
+    )
+    leak_copy_score: float = Field(
+        0.94, ge=0, le=1, description="refined alignment R^2 at which a crawled image copies a seed test image"
     )
     # detector 1: clusters per query
     cluster_detector: bool = True

@@ -77,7 +77,7 @@ DECISION_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
         pa.field("seed_similarity", pa.float32()),
         pa.field("leak_similarity", pa.float32()),
-        pa.field("leak_hash_distance", pa.int32()),
+        pa.field("leak_copy_score", pa.float32()),
         pa.field("leak_of", pa.string()),
         pa.field("duplicate_of", pa.string()),
         pa.field("cluster", pa.string()),

@@ -1,23 +1,44 @@
-"""The web's kinds of copy (pipeline/demo/alterations.py) and the structure-map copy detector (filter/copies.py) on
-the demo's own seed pictures: each family's copies are traced back to their original among other seed pictures."""
+"""The web's kinds of copy (pipeline/demo/alterations.py) and the copy detector (filter/copies.py) on the demo's own
+seed pictures: every family's copies, stored as fetch stores them, are traced back to their original among other
+seed pictures, and look-alikes (another hand's sample of the same digit in the same colours and background) are not
+copies."""
+
+import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dextra.filter.copies import CopyIndex, candidate_views, reference_views, structure_map
+from dextra.filter.copies import CopyIndex, candidate_boxes, decode
 from dextra.pipeline.demo.alterations import FAMILIES, SINGLE, WEB_SIDE, alter
-from dextra.pipeline.demo.seed import seed_images
+from dextra.pipeline.demo.draw import compose, digit_mask, draw_texture
+from dextra.pipeline.demo.seed import digits, seed_images, seed_order
 from dextra.pipeline.params import load_params
 from tests.helpers import REPO
 
 REFERENCES = 12
+GATE, COPY = 0.8, 0.94  # params.yaml's curate.leak_gate and leak_copy_score
 
 
 @pytest.fixture(scope="module")
-def pictures():
+def seed():
     params = load_params(REPO / "params.yaml")
-    return [s.pixels for s in seed_images(params)[:REFERENCES]]
+    return params, seed_images(params)[:REFERENCES]
+
+
+@pytest.fixture(scope="module")
+def pictures(seed):
+    return [s.pixels for s in seed[1]]
+
+
+def stored(pixels: np.ndarray) -> np.ndarray:
+    """As fetch stores a crawled picture: its shorter side at 32 px, JPEG quality 95."""
+    image = Image.fromarray(pixels)
+    scale = 32 / min(image.size)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=95)
+    return decode(out.getvalue())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -34,35 +55,43 @@ def test_every_family_changes_the_picture_and_says_how(pictures, family):
     assert out.shape != shown.shape or np.abs(out.astype(int) - shown).mean() > 1
 
 
-@pytest.mark.parametrize("family", SINGLE)
+WEAK = {"pad", "overlay", "combined"}  # bench/leak_recall.py: recall under 0.98 (README)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_copies_of_each_family_are_traced_to_their_original(pictures, family):
     index = CopyIndex([f"test-{i}" for i in range(len(pictures))], pictures)
-    originals = [0, 5, 9]
-    copies = [alter(pictures[i], family, np.random.default_rng([2, i]))[0] for i in originals]
-    scores, owners = index.best(copies)
-    assert owners.tolist() == originals, (family, scores)
-    assert (scores > 0.85).all(), (family, scores)
+    found = []
+    for original in (0, 5, 9, 2):
+        copy = stored(alter(pictures[original], family, np.random.default_rng([2, original]))[0])
+        others = [(original + 1) % REFERENCES, (original + 4) % REFERENCES, (original + 7) % REFERENCES]
+        score, row = index.best(copy, [*others, original], GATE)
+        found.append(row == original and score >= COPY)
+    assert sum(found) >= (3 if family in WEAK else 4), (family, found)
 
 
-def test_a_colour_change_keeps_the_map_and_a_picture_of_one_colour_has_none(pictures):
-    picture = pictures[3]
-    swapped = np.ascontiguousarray(picture[..., [2, 0, 1]])
-    inverted = 255 - picture
-    assert abs(structure_map(picture) @ structure_map(swapped)) > 0.99
-    assert abs(structure_map(picture) @ structure_map(inverted)) > 0.99
-    flat = np.full((20, 20, 3), 77, np.uint8)
-    assert not structure_map(flat).any()
-    assert np.isfinite(candidate_views(flat)).all()
+def test_lookalikes_and_other_pictures_are_not_copies(seed, pictures):
+    params, images = seed
+    index = CopyIndex([f"test-{i}" for i in range(len(pictures))], pictures)
+    samples, target = digits()
+    unused = seed_order(params)[1]
+    for k, image in enumerate(images[:6]):
+        rng = np.random.default_rng([3, k])
+        other_hand = next(i for i in unused[k * 20 :] if str(target[i]) == image.digit)
+        mask = digit_mask(samples[other_hand], 32)
+        lookalike = compose(mask, image.fg, draw_texture(image.texture, image.bg, 32, 32, rng))
+        score, _ = index.best(stored(lookalike), [k], GATE)
+        assert score < COPY, (k, score)
+    score, row = index.best(stored(pictures[1]), [0, 2, 3], GATE)
+    assert score < COPY and row in (0, 2, 3)
 
 
-def test_rotations_and_crops_are_in_the_reference_views(pictures):
-    views = reference_views(pictures[2])
-    assert views.shape[0] % 8 == 0  # every crop in its 8 rotations and mirror images
-    np.testing.assert_allclose(np.linalg.norm(views, axis=1), 1, atol=1e-5)
-    turned = np.ascontiguousarray(np.rot90(pictures[2]))
-    assert (views @ structure_map(turned)).max() > 0.999
-
-
-def test_without_references_nothing_is_a_copy(pictures):
-    scores, owners = CopyIndex([], []).best(pictures[:2])
-    assert owners.tolist() == [-1, -1] and (scores == -1).all()
+def test_edge_cases(pictures):
+    index = CopyIndex(["a"], pictures[:1])
+    assert index.best(pictures[0], [], GATE) == (0.0, -1)
+    flat = np.full((32, 32, 3), 120, np.uint8)  # one colour explains nothing
+    assert index.best(flat, [0], GATE)[0] == 0.0
+    framed = np.pad(pictures[0], ((4, 6), (8, 2), (0, 0)), constant_values=255)
+    framed[:4], framed[-6:], framed[:, :8], framed[:, -2:] = 255, 255, 255, 255
+    boxes = [tuple(b) for b in candidate_boxes(framed).astype(int)]
+    assert (0, 0, 42, 42) in boxes and (11, 7, 37, 33) in boxes  # the whole, and the content less a pixel or three

@@ -154,7 +154,7 @@ def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params):
         **{f"x_off{i}": "cluster" for i in range(6)},
     }
     assert decisions["e_exact"]["duplicate_of"] == "a_near0" and decisions["f_near"]["duplicate_of"] == "a_near0"
-    assert decisions["d_leak"]["leak_of"] == "t2" and decisions["d_leak"]["leak_hash_distance"] <= 8
+    assert decisions["d_leak"]["leak_of"] == "t2" and decisions["d_leak"]["leak_copy_score"] >= 0.94
     assert decisions["c_wrong"]["predicted_class"] == "0"
     assert decisions["g_err"]["detail"] == "error because"
     assert summary["outcomes"]["kept"] == 2 and "cluster" in summary["thresholds"]

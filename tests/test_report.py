@@ -42,7 +42,7 @@ def test_report_is_one_self_contained_file_with_every_outcome(curated_project):
     assert histograms == [
         "class_confidence.png",
         "cluster_similarity.png",
-        "leak_hash_distance.png",
+        "leak_copy_score.png",
         "seed_similarity.png",
     ]
 

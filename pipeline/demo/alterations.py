@@ -1,6 +1,6 @@
 """The kinds of copy the web makes of a picture: crops, rotations and mirroring, padding and letterboxing, caption
-bars and overlays, heavy recompression, blur and rescaling, colour changes, and mixes of them. bench/leak_recall.py
-measures the leak detectors on each family (the demo web's own leaks still use web.py's milder edits)."""
+bars and overlays, heavy recompression, blur and rescaling, colour changes, and mixes of them. The demo web's leaks
+are made with them (web.py), and bench/leak_recall.py measures the leak detector on each family."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from dextra.pipeline.demo.alterations import FAMILIES, alter
 from dextra.pipeline.demo.draw import (
     COLOR_PAIRS,
     COLORS,
@@ -184,35 +185,23 @@ class _Web:
         self.add_image(index, "out_of_domain", rng, query, pixels, **truth)
 
     def leak(self, index: int, ordinal: int) -> None:
-        """A near-duplicate of a seed test image, from 2-4 of: crop, flip, colour shift, resize, JPEG."""
+        """An altered copy of a seed test image, as the web makes them: the alteration families of alterations.py
+        in turn (crops, rotations, frames, caption bars, overlays, recompression, blur, rescaling, colour, mixes)."""
         rng = self.rng(5, index)
         source = self.tests[self.leak_order[ordinal % len(self.tests)]]
-        chosen = set(rng.choice(["crop", "hflip", "color_shift", "jpeg"], size=int(rng.integers(1, 4)), replace=False))
-        image, steps = Image.fromarray(source.pixels, "RGB"), []
-        if "crop" in chosen:
-            w, h = image.size
-            left, top, right, bottom = (int(v) for v in rng.integers(1, max(2, w // 10) + 1, 4))
-            image, steps = image.crop((left, top, w - right, h - bottom)), steps + ["crop"]
-        if "hflip" in chosen:
-            image, steps = image.transpose(Image.FLIP_LEFT_RIGHT), steps + ["hflip"]
-        if "color_shift" in chosen:
-            shifted = np.asarray(image, np.int16) + rng.integers(-30, 31, 3)
-            image, steps = Image.fromarray(np.uint8(np.clip(shifted, 0, 255)), "RGB"), steps + ["color_shift"]
-        side = int(rng.integers(40, 97))
-        pixels, steps = np.asarray(image.resize((side, side), Image.BICUBIC)), steps + ["resize"]
-        ext = "jpg" if "jpeg" in chosen else "png"
-        steps += ["jpeg"] if ext == "jpg" else []
+        pixels, steps = alter(source.pixels, FAMILIES[ordinal % len(FAMILIES)], rng)
+        ext, quality = web_format(rng)
+        height, width = pixels.shape[:2]
         truth = {"true_digit": source.digit, "fg_color": source.fg, "bg_color": source.bg, "bg_texture": source.texture}
-        data = encode(pixels, ext, int(rng.integers(55, 91)))
         self.add(
             index,
             "leak",
             rng,
             source.digit,
-            data,
+            encode(pixels, ext, quality),
             ext,
-            width=side,
-            height=side,
+            width=width,
+            height=height,
             style="seed",
             transform="+".join(steps),
             leak_of=source.id,

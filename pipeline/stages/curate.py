@@ -169,7 +169,7 @@ def decision_table(rows: pa.Table, crawl: Crawl, decisions: Decisions) -> pa.Tab
         values = getattr(decisions, field.name)[np.where(fetched, at, 0)]
         if values.dtype == object:
             columns[field.name] = pa.array(np.where(fetched, values, None), field.type)
-        else:  # NaN marks a score never computed; int columns (pHash bits) hold whole numbers
+        else:  # NaN marks a score never computed
             columns[field.name] = pa.array(np.nan_to_num(values), mask=~fetched | np.isnan(values)).cast(field.type)
     return pa.table(columns)
 
@@ -214,7 +214,7 @@ def run(params: Params, paths: Paths) -> dict:
             "outcomes": outcomes,
             "unlisted": unlisted,
             "thresholds": thresholds,
-            "leak_hash_distance": params.curate.leak_hash_distance,
+            "leak_copy_score": params.curate.leak_copy_score,
         }
         write_json(tmp / paths.curate_summary.name, summary)
     return summary
