@@ -1,14 +1,25 @@
 """Curate on hand-built embeddings and images, so every decision and extrapolation has a known answer."""
 
+import itertools
+
 import imagehash
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dextra.filter import curate
-from dextra.filter.dedup import LeakBank, exact_duplicates, hamming, near_duplicates, phash, phashes
+from dextra.filter.dedup import (
+    CROP_FRACTIONS,
+    LeakBank,
+    crop_bank,
+    exact_duplicates,
+    hamming,
+    near_duplicates,
+    phash,
+    phashes,
+)
 from dextra.filter.detectors import SeedClassifier, cluster_detector, seed_spread_threshold
 from dextra.filter.extrapolate import extrapolate
 from dextra.filter.index import build_index, describe, search
@@ -104,6 +115,18 @@ def test_leak_bank_finds_transformed_copies_only():
     assert closest[1] > 16 and matched[1].tolist() == []
 
 
+def test_crop_bank_hashes_are_those_of_the_cropped_resized_mirrored_pictures():
+    for picture in (blocks(3), blocks(4, 40).resize((40, 52)), blocks(5, 32)):
+        gray, (w, h) = picture.convert("L"), picture.size
+        crops = [
+            gray.crop((round(left * w), round(top * h), w - round(right * w), h - round(bottom * h)))
+            for left, top, right, bottom in itertools.product(CROP_FRACTIONS, repeat=4)
+        ]
+        by_pil = phashes(crops + [ImageOps.mirror(c) for c in crops])
+        distance = hamming(crop_bank(encode(picture)), by_pil)
+        assert len(distance) == 162 and np.median(distance) == 0 and (distance <= 2).mean() >= 0.95, distance
+
+
 def test_leak_bank_returns_every_test_image_within_reach():
     twin = blocks(7)
     bank = LeakBank(["a", "b", "c"], [encode(twin), encode(blocks(8)), encode(twin, "JPEG", 90)])
@@ -119,18 +142,22 @@ def test_duplicates_exact_and_near():
         encode(originals[1]),
         encode(originals[0].crop((2, 2, 46, 44)).resize((64, 64))),
         encode(originals[2]),
+        encode(originals[2], "JPEG", 60),
     ]
-    neighbours = np.array([[2, 1], [0, 3], [0, 1], [1, 0]])
-    similarities = np.full((4, 2), 0.95)  # CLIP calls every pair a candidate; pHash must tell copies apart
+    neighbours = np.array([[2, 1], [0, 3], [0, 1], [1, 4], [3, 0]])
+    similarities = np.full((5, 2), 0.95)  # CLIP calls every pair a candidate; pHash must tell copies apart
     asked = []
 
     def read(rows):
         asked.append(list(rows))
         return [images[r] for r in rows]
 
-    found = near_duplicates(list("abcd"), neighbours, similarities, 0.9, [phash(b) for b in images], read, 8)
-    assert found == {"c": "a"} and asked == [[0, 1]]  # one read, of the earlier image of each candidate pair
-    assert near_duplicates(list("abcd"), neighbours, similarities, 0.99, [phash(b) for b in images], read, 8) == {}
+    hashes = [phash(b) for b in images]
+    found = near_duplicates(list("abcde"), neighbours, similarities, 0.9, hashes, read, 8)
+    assert found == {"c": "a", "e": "d"}
+    # one read, of the earlier image of each pair whose own hashes differ: the recompressed copy needs no crop bank
+    assert asked == [[0, 1]]
+    assert near_duplicates(list("abcde"), neighbours, similarities, 0.99, hashes, read, 8) == {}
     assert hamming(np.frombuffer(phash(images[0]), np.uint8), np.frombuffer(phash(images[2]), np.uint8)) > 0
 
 
