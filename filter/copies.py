@@ -22,9 +22,12 @@ which dedup.py uses) fail on rotations, large crops and hue changes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
-from collections.abc import Iterator, Sequence
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -280,3 +283,51 @@ class CopyIndex:
     @staticmethod
     def _windows(ref: _Reference, turn: int, boxes: np.ndarray) -> torch.Tensor:
         return _centred(_turn(_sample(ref.image, boxes, FINE_SIDE), turn))
+
+
+POOL_MIN = 2_000  # candidates below which starting worker processes (a torch import each) costs more than it saves
+_worker_index: CopyIndex | None = None
+
+
+def _start_worker(ids: list[str], pictures: list[np.ndarray]) -> None:
+    global _worker_index
+    torch.set_num_threads(1)
+    _worker_index = CopyIndex(ids, pictures)
+
+
+def _best_each(
+    index: CopyIndex, images: Sequence[bytes], rows: Sequence[np.ndarray], gate: float, proposals: int
+) -> list[tuple[float, int]]:
+    return [index.best(decode(image), r, gate, proposals) for image, r in zip(images, rows)]
+
+
+def _best_in_worker(images: list[bytes], rows: list[np.ndarray], gate: float, proposals: int) -> list[tuple]:
+    return _best_each(_worker_index, images, rows, gate, proposals)
+
+
+@contextlib.contextmanager
+def verifier(
+    ids: Sequence[str], pictures: Sequence[np.ndarray], workers: int, candidates: int
+) -> Iterator[Callable[[Sequence[bytes], Sequence[np.ndarray], float, int], list[tuple[float, int]]]]:
+    """A function giving CopyIndex.best of each encoded candidate against its rows, over `workers` processes when
+    there are POOL_MIN `candidates` or more (one index each; every pair is scored the same way in any process)."""
+    if workers <= 1 or candidates < POOL_MIN:
+        with one_thread():
+            yield functools.partial(_best_each, CopyIndex(ids, pictures))
+        return
+    spawn = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
+    with ProcessPoolExecutor(workers, spawn, initializer=_start_worker, initargs=(list(ids), list(pictures))) as pool:
+
+        def best_of_each(images, rows, gate, proposals):
+            step = max(1, -(-len(images) // (4 * workers)))
+            parts = [range(i, min(i + step, len(images))) for i in range(0, len(images), step)]
+            done = pool.map(
+                _best_in_worker,
+                [list(images[p.start : p.stop]) for p in parts],
+                [list(rows[p.start : p.stop]) for p in parts],
+                [gate] * len(parts),
+                [proposals] * len(parts),
+            )
+            return [result for part in done for result in part]
+
+        yield best_of_each

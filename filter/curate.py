@@ -12,6 +12,7 @@ the seed set (by default only for seed sets without classes). Kept images get th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import faiss
 import numpy as np
 import torch
 
-from dextra.filter.copies import CopyIndex, decode, one_thread
+from dextra.filter.copies import decode, verifier
 from dextra.filter.dedup import exact_duplicates, near_duplicates
 from dextra.filter.detectors import SeedClassifier, cluster_detector, seed_spread_threshold
 from dextra.filter.extrapolate import extrapolate_batch
@@ -243,14 +244,15 @@ class Leaks:
         decisions.leak_of[:] = np.asarray(seed.test_ids, object)[leak_rows[:, 0]]
         if crawl.read_images is None or seed.test_images is None:
             return
-        copies = CopyIndex(seed.test_ids, [decode(image) for image in seed.test_images])
         open_rows = decisions.open_rows()
-        with one_thread():
+        pictures = [decode(image) for image in seed.test_images]
+        workers = cfg.leak_workers or len(os.sched_getaffinity(0))
+        with verifier(seed.test_ids, pictures, workers, len(open_rows)) as best_of_each:
             for start in range(0, len(open_rows), READ_ROWS):
                 rows = open_rows[start : start + READ_ROWS]
-                for row, image in zip(rows, crawl.read_images(rows)):
-                    proposed = leak_rows[row][leak_rows[row] >= 0]
-                    score, test_row = copies.best(decode(image), proposed, cfg.leak_gate, cfg.leak_proposals)
+                proposed = [leak_rows[row][leak_rows[row] >= 0] for row in rows]
+                found = best_of_each(crawl.read_images(rows), proposed, cfg.leak_gate, cfg.leak_proposals)
+                for row, (score, test_row) in zip(rows, found):
                     decisions.leak_copy_score[row] = score
                     if score < cfg.leak_copy_score:
                         continue

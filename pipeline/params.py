@@ -219,6 +219,9 @@ class CurateParams(_Section):
     leak_copy_score: float = Field(
         0.94, ge=0, le=1, description="refined alignment R^2 at which a crawled image copies a seed test image"
     )
+    leak_workers: int = Field(
+        0, ge=0, le=1024, description="processes verifying leak candidates (0: one per CPU); decisions stay the same"
+    )
     # detector 1: clusters per query
     cluster_detector: bool = True
     clusters_per_query: int = Field(8, ge=1, le=4096)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dextra.filter.copies import CopyIndex, candidate_boxes, decode
+from dextra.filter.copies import POOL_MIN, CopyIndex, candidate_boxes, decode, verifier
 from dextra.pipeline.demo.alterations import FAMILIES, SINGLE, WEB_SIDE, alter
 from dextra.pipeline.demo.draw import compose, digit_mask, draw_texture
 from dextra.pipeline.demo.seed import digits, seed_images, seed_order
@@ -95,3 +95,19 @@ def test_edge_cases(pictures):
     framed[:4], framed[-6:], framed[:, :8], framed[:, -2:] = 255, 255, 255, 255
     boxes = [tuple(b) for b in candidate_boxes(framed).astype(int)]
     assert (0, 0, 42, 42) in boxes and (11, 7, 37, 33) in boxes  # the whole, and the content less a pixel or three
+
+
+def test_verifier_scores_the_same_in_worker_processes(pictures):
+    ids = [f"test-{i}" for i in range(len(pictures))]
+    encoded = []
+    for k, family in enumerate(("rotate", "colour", "pad")):
+        out = io.BytesIO()
+        Image.fromarray(alter(pictures[k], family, np.random.default_rng([4, k]))[0]).save(out, format="PNG")
+        encoded.append(out.getvalue())
+    rows = [np.array([k, (k + 3) % REFERENCES]) for k in range(len(encoded))]
+    with verifier(ids, pictures, 1, len(encoded)) as in_process:
+        alone = in_process(encoded, rows, GATE, 2)
+    with verifier(ids, pictures, 2, POOL_MIN) as in_workers:
+        assert in_workers(encoded, rows, GATE, 2) == alone
+        assert in_workers([], [], GATE, 2) == []
+    assert [row for _, row in alone] == [0, 1, 2]
