@@ -167,6 +167,3 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     for start, batch in _batches(queries):
         scores[start : start + len(batch)], ids[start : start + len(batch)] = find(batch, k)
     return scores, ids
-
-
-# x
