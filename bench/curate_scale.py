@@ -120,7 +120,7 @@ def measure(n_crawl: int) -> dict:
         anon = AnonPeak()
         anon.start()
         started, cpu_started = time.perf_counter(), time.process_time()
-        decisions, extrapolation, _ = curate(seed, crawl, CurateParams(), 0, torch.device("cpu"))
+        decisions, extrapolation, _ = curate(seed, crawl, CurateParams(), 0, torch.device("cpu"), scratch=Path(folder))
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         anon.done.set()
         anon.join()
