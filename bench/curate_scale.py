@@ -10,8 +10,9 @@ Targets (issue 4): 1M in < 10 min on 2 cores with peak RSS < 4 GiB; time grows â
 10M with peak memory well under 8 GiB. Two peaks: VmHWM counts the pages of the mapped vector file the process
 touched (the kernel can drop them at any time: they are the file's), the anonymous peak (RssAnon, sampled every
 50 ms) is the memory curate itself holds. Records wall and CPU seconds of the core and the machine's load average
-around each run (other processes on a shared machine stretch wall time, less so CPU time).
-Writes bench/results/curate_scale.json.
+around each run (other processes on a shared machine stretch wall time, less so CPU time), and the commit measured.
+Writes bench/results/curate_scale.json; with --add, runs of other sizes already there are kept (10M takes most of an
+hour, so it is measured on its own).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def measure(n_crawl: int) -> dict:
         anon = AnonPeak()
         anon.start()
         started, cpu_started = time.perf_counter(), time.process_time()
-        decisions, extrapolation, _ = curate(seed, crawl, CurateParams(), 0, torch.device("cpu"))
+        decisions, extrapolation, _ = curate(seed, crawl, CurateParams(), 0, torch.device("cpu"), scratch=Path(folder))
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         anon.done.set()
         anon.join()
@@ -147,7 +148,13 @@ def main() -> None:
     parser.add_argument(
         "--small", action="store_true", help="CI's size: 20,000 crawled images; writes under bench/results/small/"
     )
+    parser.add_argument("--add", action="store_true", help="keep the recorded runs of sizes not measured now")
     args = parser.parse_args()
+    from dextra.pipeline.atomic import write_json
+    from dextra.pipeline.paths import Paths
+
+    path = Paths(ROOT).bench_result("curate_scale", args.small)
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     if args.child:
         print(json.dumps(measure(args.child)))
         return
@@ -156,22 +163,25 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, __file__, "--child", str(size)], capture_output=True, text=True, check=True
         )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append({**json.loads(out.stdout.strip().splitlines()[-1]), "commit": commit.stdout.strip()})
         print(
             f"{size:>9,} crawled: {runs[-1]['seconds']:7.1f} s ({runs[-1]['cpu_seconds']:.0f} CPU s, "
             f"load {runs[-1]['load_average_1min']}), peak RSS {runs[-1]['peak_rss_gib']:.2f} GiB "
             f"(anonymous {runs[-1]['peak_anon_rss_gib']:.2f} GiB), "
             f"kept {runs[-1]['kept']:,}"
         )
+    if args.add and path.exists():
+        measured = {run["crawled"] for run in runs}
+        runs = sorted(
+            [run for run in json.loads(path.read_text())["runs"] if run["crawled"] not in measured] + runs,
+            key=lambda run: run["crawled"],
+        )
     result = {"dim": DIM, "seed_images": SEED_IMAGES, "test_images": TEST_IMAGES, "cores": os.cpu_count(), "runs": runs}
     if len(runs) >= 2:
         result["time_growth"] = round(runs[-1]["seconds"] / runs[0]["seconds"], 2)
         result["size_growth"] = runs[-1]["crawled"] / runs[0]["crawled"]
         print(f"time grows {result['time_growth']}x for {result['size_growth']:.0f}x the crawl")
-    from dextra.pipeline.atomic import write_json
-    from dextra.pipeline.paths import Paths
-
-    write_json(Paths(ROOT).bench_result("curate_scale", args.small), result)
+    write_json(path, result)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,12 @@ def rows_curate_scale(r: dict) -> list[tuple[str, str, str]]:
     rows = [
         (
             f"curate core: {run['crawled']:,} crawled",
-            f"{run['seconds']:.0f} s",
+            f"{run['seconds']:.0f} s"
+            + (
+                f" ({run['cpu_seconds']:.0f} CPU s, load {max(run['load_average_1min']):.1f})"
+                if "cpu_seconds" in run
+                else ""
+            ),
             f"peak RSS {run['peak_rss_gib']:.2f} GiB"
             + (f" (anonymous {run['peak_anon_rss_gib']:.2f} GiB)" if "peak_anon_rss_gib" in run else ""),
         )

@@ -12,9 +12,11 @@ the seed set (by default only for seed sets without classes). Kept images get th
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -28,7 +30,7 @@ from dextra.filter.index import (
     SEARCH_BATCH,
     add_to_lists,
     build_index,
-    lists_over,
+    empty_lists,
     search,
     search_lists,
 )
@@ -96,9 +98,10 @@ class Decisions:
         return cls(text(), text(), text(), text(), text(), text(), number(), number(), number(), number(), number())
 
     def drop(self, rows, outcome: str, details) -> None:
-        """Give `outcome` to the rows that have none yet: the first reason found is the one recorded."""
+        """Give `outcome` to the rows that have none yet: the first reason found is the one recorded. Looks only at
+        `rows` (detectors drop copies one at a time: a whole-column mask per call made 1M crawled quadratic)."""
         rows = np.asarray(rows, np.int64)
-        still_open = self.open_mask()[rows]
+        still_open = np.equal(self.outcome[rows], None)
         self.outcome[rows[still_open]] = outcome
         self.detail[rows[still_open]] = np.asarray(details, object)[still_open]
 
@@ -135,46 +138,50 @@ class Context:
     url_rank: np.ndarray  # each crawl row's place in that order
     thresholds: dict[str, float] = field(default_factory=dict)
 
-    def position(self, image_id: str) -> int:
-        return self._positions[image_id]
 
-    def __post_init__(self) -> None:
-        self._positions = {image_id: row for row, image_id in enumerate(self.crawl.ids)}
+LIST_ROWS = 1_000_000  # crawled images held in inverted lists at once (fp16 codes: 1 GB at d = 512)
 
 
-LIST_ROWS = 500_000  # crawled images held in inverted lists at once (fp16 codes: 0.5 GB at d = 512)
+def _pairs(first: np.ndarray, second: np.ndarray, n_seed: int) -> np.ndarray:
+    """The key of each pair of seed rows, whichever comes first; -1 where either is missing (-1)."""
+    low, high = np.minimum(first, second), np.maximum(first, second)
+    return np.where(low >= 0, low * n_seed + high, -1)
 
 
 def _crawl_neighbors(
-    vectors: np.ndarray,
-    rows: np.ndarray,
-    seed_index,
-    seed_scores: np.ndarray,
-    seed_neighbors: np.ndarray,
-    cfg: CurateParams,
-    k: int = 10,
+    vectors: np.ndarray, rows: np.ndarray, n_seed: int, seed_neighbors: np.ndarray, cfg: CurateParams, k: int = 10
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each of `vectors[rows]`'s k nearest neighbours among them (positions into rows). Exact up to
-    exact_index_max; beyond, inverted lists whose centres are the seed images: every crawled image is filed
-    under its nearest seed image and probes its nprobe nearest ones, all already known exactly, so lists cost
-    no training and a probe scans about nprobe · n / n_seed images. The lists hold LIST_ROWS images at a time;
-    each part's neighbours are merged by (similarity, position)."""
+    exact_index_max; beyond, inverted lists keyed by seed images, whose neighbours are known already: every crawled
+    image is filed under the pair of its two nearest seed images and probes every pair of its nprobe + 2 nearest, so
+    lists cost no training and stay short at any crawl size (lists keyed by one seed image held n / n_seed images
+    each: a scan quadratic in the crawl, hours at 10M). A near copy shares its original's nearest seed images: on
+    tests/test_curate.py's crawl, 0.995 of copy pairs share a list so (a list per nearest seed image, 4 probed: 0.999).
+    The lists hold LIST_ROWS images at a time; each part's neighbours are merged by (similarity, position)."""
     if len(rows) <= cfg.exact_index_max:
         members = vectors[rows]
         return search(build_index(members, cfg.exact_index_max), members, k)
+    top = seed_neighbors[:, : cfg.nprobe + 2]
+    if top.shape[1] == 1:  # a seed set of one image: one list
+        top = np.repeat(top, 2, axis=1)
+    filed = _pairs(top[rows, 0], top[rows, 1], n_seed)
+    probed = list(itertools.combinations(range(top.shape[1]), 2))
     batches = [np.arange(start, min(len(rows), start + SEARCH_BATCH)) for start in range(0, len(rows), SEARCH_BATCH)]
     # what search_lists reports for a neighbour not found, so that a row's k best start as k such entries
     scores = np.full((len(rows), k), np.finfo(np.float32).min, np.float32)
     neighbors = np.full((len(rows), k), -1, np.int64)
     for part in range(0, len(rows), LIST_ROWS):
-        lists = lists_over(seed_index)
-        for start in range(part, min(len(rows), part + LIST_ROWS), SEARCH_BATCH):
-            held = rows[start : min(start + SEARCH_BATCH, part + LIST_ROWS)]
-            add_to_lists(lists, vectors[held], seed_neighbors[held, 0])
+        held = np.arange(part, min(len(rows), part + LIST_ROWS))
+        keys = np.unique(filed[held])
+        lists = empty_lists(vectors.shape[1], len(keys))
+        for start in range(0, len(held), SEARCH_BATCH):
+            chunk = held[start : start + SEARCH_BATCH]
+            add_to_lists(lists, vectors[rows[chunk]], np.searchsorted(keys, filed[chunk]))
         for b in batches:  # merged batch by batch: no (n, 2k) temporaries
-            found_scores, found = search_lists(
-                lists, vectors[rows[b]], k, seed_neighbors[rows[b], : cfg.nprobe], seed_scores[rows[b], : cfg.nprobe]
-            )
+            wanted = np.stack([_pairs(top[rows[b], i], top[rows[b], j], n_seed) for i, j in probed], axis=1)
+            at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+            probes = np.where((keys[at] == wanted) & (wanted >= 0), at, -1)
+            found_scores, found = search_lists(lists, vectors[rows[b]], k, probes, np.zeros(probes.shape, np.float32))
             merged_scores = np.concatenate([scores[b], found_scores], axis=1)
             merged = np.concatenate([neighbors[b], np.where(found >= 0, found + part, -1)], axis=1)
             best = np.lexsort((np.where(merged >= 0, merged, len(rows)), -merged_scores), axis=-1)[:, :k]
@@ -190,11 +197,10 @@ class ExactDuplicates:
 
     def __call__(self, ctx: Context, decisions: Decisions) -> None:
         crawl, by_url = ctx.crawl, ctx.by_url
-        for copy, original in exact_duplicates(
-            [crawl.ids[r] for r in by_url], [crawl.digests[r] for r in by_url]
-        ).items():
-            decisions.duplicate_of[ctx.position(copy)] = original
-            decisions.drop([ctx.position(copy)], self.outcome, ["same bytes"])
+        copies = exact_duplicates(by_url, [crawl.digests[r] for r in by_url])  # rows, not ids: no id -> row map
+        rows = np.fromiter(copies.keys(), np.int64, len(copies))
+        decisions.duplicate_of[rows] = [crawl.ids[copies[r]] for r in rows]
+        decisions.drop(rows, self.outcome, ["same bytes"] * len(rows))
 
 
 class NearDuplicates:
@@ -205,11 +211,9 @@ class NearDuplicates:
     def __call__(self, ctx: Context, decisions: Decisions) -> None:
         crawl, cfg = ctx.crawl, ctx.cfg
         candidates = decisions.open_rows()
-        scores, neighbors = _crawl_neighbors(
-            crawl.vectors, candidates, ctx.seed_index, ctx.seed_scores, ctx.seed_neighbors, cfg
-        )
+        scores, neighbors = _crawl_neighbors(crawl.vectors, candidates, ctx.seed_index.ntotal, ctx.seed_neighbors, cfg)
         near = near_duplicates(
-            [crawl.ids[r] for r in candidates],
+            candidates,  # rows, not ids: no id -> row map
             neighbors,
             scores,
             cfg.near_duplicate_similarity,
@@ -218,9 +222,9 @@ class NearDuplicates:
             cfg.near_duplicate_hash_distance,
             ctx.url_rank[candidates],
         )
-        for copy, original in near.items():
-            decisions.duplicate_of[ctx.position(copy)] = original
-            decisions.drop([ctx.position(copy)], self.outcome, ["near copy"])
+        rows = np.fromiter(near.keys(), np.int64, len(near))
+        decisions.duplicate_of[rows] = [crawl.ids[near[r]] for r in rows]
+        decisions.drop(rows, self.outcome, ["near copy"] * len(rows))
 
 
 READ_ROWS = 10_000  # crawled images decoded at once by the leak detector
@@ -238,7 +242,9 @@ class Leaks:
 
     def __call__(self, ctx: Context, decisions: Decisions) -> None:
         seed, crawl, cfg = ctx.seed, ctx.crawl, ctx.cfg
-        test_index = build_index(seed.test_vectors, cfg.exact_index_max, nprobe=cfg.nprobe, seed=ctx.random_seed)
+        test_index = build_index(
+            seed.test_vectors, cfg.exact_index_max, nprobe=cfg.nprobe, seed=ctx.random_seed, queries=len(crawl.ids)
+        )
         leak_scores, leak_rows = search(test_index, crawl.vectors, min(cfg.leak_candidates, len(seed.test_ids)))
         decisions.leak_similarity[:] = leak_scores[:, 0]
         decisions.leak_of[:] = np.asarray(seed.test_ids, object)[leak_rows[:, 0]]
@@ -344,16 +350,19 @@ def curate(
     random_seed: int,
     device: torch.device,
     detectors: Sequence[Detector] = DETECTORS,
+    scratch: Path | None = None,
 ) -> tuple[Decisions, Extrapolation, dict[str, float]]:
-    """Decide every crawled image and extrapolate the kept ones; also returns the thresholds the detectors used."""
+    """Decide every crawled image and extrapolate the kept ones; also returns the thresholds the detectors used.
+    With a `scratch` folder, the kept images' text features are a memory-mapped float16 file there."""
     n = len(crawl.ids)
     # Where order matters (which copy a group keeps, k-means' sample), rows go in URL order, not url_id order:
     # url_ids hash the whole URL, so the demo's file:// URLs in another folder would shuffle the rows.
     by_url = np.array(sorted(range(n), key=crawl.urls.__getitem__) if crawl.urls is not None else range(n), np.int64)
     url_rank = np.empty(n, np.int64)
     url_rank[by_url] = np.arange(n)
-    seed_index = build_index(seed.train_vectors, cfg.exact_index_max, nprobe=cfg.nprobe, seed=random_seed)
-    seed_scores, seed_neighbors = search(seed_index, crawl.vectors, max(cfg.seed_k, cfg.k_neighbors, cfg.nprobe))
+    seed_index = build_index(seed.train_vectors, cfg.exact_index_max, nprobe=cfg.nprobe, seed=random_seed, queries=n)
+    # nprobe + 2: the crawl's near-copy lists are keyed by pairs of them (_crawl_neighbors)
+    seed_scores, seed_neighbors = search(seed_index, crawl.vectors, max(cfg.seed_k, cfg.k_neighbors, cfg.nprobe + 2))
     ctx = Context(seed, crawl, cfg, random_seed, seed_index, seed_scores, seed_neighbors, by_url, url_rank)
     decisions = Decisions.empty(n)
     decisions.seed_similarity[:] = seed_scores[:, : cfg.seed_k].mean(axis=1)
@@ -363,7 +372,9 @@ def curate(
     kept = decisions.open_rows()
     decisions.outcome[kept] = "kept"
     neighbors = seed_neighbors[kept, : cfg.k_neighbors]
+    shape = (len(kept), seed.caption_features.shape[1])
+    texts = None if scratch is None else np.lib.format.open_memmap(scratch / "kept_texts.npy", "w+", np.float16, shape)
     weights, text = extrapolate_batch(
-        seed.train_vectors, seed.caption_features, crawl.vectors, neighbors, cfg.ridge, device, target_rows=kept
+        seed.train_vectors, seed.caption_features, crawl.vectors, neighbors, cfg.ridge, device, kept, texts
     )
     return decisions, Extrapolation(kept, neighbors, weights, text), ctx.thresholds

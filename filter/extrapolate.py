@@ -31,13 +31,15 @@ def extrapolate_batch(
     ridge: float,
     device: torch.device,
     target_rows: np.ndarray | None = None,
+    texts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """extrapolate() for every target (for targets[target_rows] when given: no copy of the kept vectors), given
     its neighbours' rows in the seed arrays; on `device`, in chunks. Returns float32 weights and float16 text
-    features (as the shards store them), filled chunk by chunk."""
+    features (as the shards store them), filled chunk by chunk; into `texts` when given (an (n, d) float16 array, e.g.
+    a memory-mapped file: 10M crawled images keep about 5 GB of them)."""
     n = len(targets) if target_rows is None else len(target_rows)
     weights = np.empty((n, neighbor_rows.shape[1]), np.float32)
-    texts = np.empty((n, seed_texts.shape[1]), np.float16)
+    texts = np.empty((n, seed_texts.shape[1]), np.float16) if texts is None else texts
     as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)  # noqa: E731
     images, captions = (
         as_tensor(seed_images),

@@ -23,6 +23,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 SEARCH_BATCH = 65_536
+# (query, vector) pairs up to which a search is exact: 1M crawled x 10k seed images, about 3 CPU-minutes on 2 cores;
+# 10M crawled would take half an hour
+EXACT_PAIRS = 10**10
 RESCORE_MARGIN = 8  # extra candidates fetched so that a near-tie at rank k cannot drop a true neighbour
 
 
@@ -67,10 +70,18 @@ def _batches(vectors: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def build_index(
-    vectors: np.ndarray, exact_max: int = 200_000, memory_budget_bytes: int = 2 << 30, nprobe: int = 4, seed: int = 0
+    vectors: np.ndarray,
+    exact_max: int = 200_000,
+    memory_budget_bytes: int = 2 << 30,
+    nprobe: int = 4,
+    seed: int = 0,
+    queries: int = 0,
 ) -> faiss.Index:
-    """An index over `vectors` (float16 or float32; converted batch by batch, never copied whole)."""
+    """An index over `vectors` (float16 or float32; converted batch by batch, never copied whole) for `queries`
+    queries: exact up to exact_max vectors unless the queries would compare more than EXACT_PAIRS pairs."""
     n, dim = vectors.shape
+    if n * queries > EXACT_PAIRS:
+        exact_max = 0
     index = faiss.index_factory(dim, describe(n, dim, exact_max, memory_budget_bytes), faiss.METRIC_INNER_PRODUCT)
     if index.is_trained:
         for _, batch in _batches(vectors):
@@ -88,14 +99,16 @@ def build_index(
     return index
 
 
-def lists_over(centres: faiss.Index) -> faiss.IndexIVF:
-    """Empty inverted lists (half-precision codes), one per vector of `centres`; filled and probed through
-    add_to_lists and search_lists with list numbers the caller knows, so the centres are never searched."""
+def empty_lists(dim: int, nlist: int) -> faiss.IndexIVF:
+    """nlist empty inverted lists (half-precision codes), filled and probed through add_to_lists and search_lists with
+    list numbers the caller computes: their coarse quantizer is never trained or searched (an empty one holds its
+    place)."""
+    quantizer = faiss.IndexFlatIP(dim)
     ivf = faiss.IndexIVFScalarQuantizer(
-        centres, centres.d, centres.ntotal, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False
-    )
-    ivf.referenced_objects = [centres]  # keep the centres alive as long as the lists
-    ivf.is_trained = True  # the centres are given and fp16 codes have nothing to learn
+        quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False
+    )  # by_residual False: the codes are the vectors themselves
+    ivf.referenced_objects = [quantizer]  # keep the quantizer alive as long as the lists
+    ivf.is_trained = True  # fp16 codes have nothing to learn
     return ivf
 
 
@@ -167,6 +180,3 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     for start, batch in _batches(queries):
         scores[start : start + len(batch)], ids[start : start + len(batch)] = find(batch, k)
     return scores, ids
-
-
-# x

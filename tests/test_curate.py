@@ -368,3 +368,47 @@ def test_curate_does_not_depend_on_row_order(make_params):
         for r, n, w in zip(extra_two.rows, extra_two.neighbor_rows, extra_two.weights)
     }
     assert kept_one == kept_two
+
+
+def test_crawl_lists_find_the_near_copies_exact_search_finds(make_params, monkeypatch):
+    """Above exact_index_max, crawled images are filed under their two nearest seed images: nearly every image with a
+    near copy (the near-duplicate detector's candidates) finds one as close as exact search does, and the same one
+    with the lists held in one part or in several. (Which of several tied copies is listed may differ: the off-topic
+    images are one vector.)"""
+    seed, crawl = synthetic_core_inputs()
+    rows = np.arange(len(crawl.ids))
+    _, seed_neighbors = search(build_index(seed.train_vectors), crawl.vectors, 6)  # nprobe 4, + 2
+
+    def closest_other(exact_index_max: int) -> np.ndarray:
+        cfg = make_params(curate={"exact_index_max": exact_index_max}).curate
+        scores, neighbors = curate._crawl_neighbors(crawl.vectors, rows, len(seed.train_ids), seed_neighbors, cfg)
+        return np.where(neighbors != rows[:, None], scores, -1).max(axis=1)
+
+    exact = closest_other(100_000)
+    copies = exact >= 0.9
+    assert copies.sum() > 200
+    listed = closest_other(300)
+    assert np.isclose(listed[copies], exact[copies], rtol=1e-5).mean() >= 0.99
+    monkeypatch.setattr(curate, "LIST_ROWS", 1000)  # four parts, merged
+    np.testing.assert_array_equal(closest_other(300), listed)
+
+
+def test_seed_search_is_approximate_only_when_exact_would_compare_too_many_pairs(monkeypatch):
+    from dextra.filter import index
+
+    vectors = unit(np.random.default_rng(0).normal(size=(3000, DIM)))
+    assert index.faiss.try_extract_index_ivf(build_index(vectors, exact_max=10_000, queries=1_000_000)) is None
+    monkeypatch.setattr(index, "EXACT_PAIRS", 3000 * 999)
+    assert index.faiss.try_extract_index_ivf(build_index(vectors, exact_max=10_000, queries=1000)) is not None
+    scores, rows = search(build_index(vectors, exact_max=10_000, nprobe=64, queries=1000), vectors[:50], 1)
+    assert (rows[:, 0] == np.arange(50)).mean() >= 0.95 and scores[:, 0].min() > 0.99
+
+
+def test_extrapolated_texts_go_to_a_mapped_file_in_scratch(make_params, tmp_path):
+    seed, crawl = synthetic_core_inputs(n_crawl=1000)
+    cfg = make_params().curate
+    _, in_memory, _ = curate.curate(seed, crawl, cfg, 0, torch.device("cpu"))
+    _, mapped, _ = curate.curate(seed, crawl, cfg, 0, torch.device("cpu"), scratch=tmp_path)
+    assert isinstance(mapped.text, np.memmap) and (tmp_path / "kept_texts.npy").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "kept_texts.npy"), in_memory.text)
+    assert len(in_memory.rows) > 100

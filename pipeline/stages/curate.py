@@ -185,7 +185,9 @@ def run(params: Params, paths: Paths) -> dict:
     rows, unlisted = read_url_rows(paths)
     with atomic_path(paths.curated) as tmp:  # the crawl's vectors are mapped from a file in tmp's folder
         seed, crawl = read_seed(paths), read_crawl(paths, rows, tmp.parent)
-        decided, extra, thresholds = curate(seed, crawl, params.curate, params.seed, pick_device(params.device))
+        decided, extra, thresholds = curate(
+            seed, crawl, params.curate, params.seed, pick_device(params.device), scratch=tmp.parent
+        )
         decisions = decision_table(rows, crawl, decided)
         kept_at = {crawl.ids[r]: j for j, r in enumerate(extra.rows)}
         row_of = {image_id: row for row, image_id in enumerate(crawl.ids)}
