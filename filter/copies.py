@@ -40,6 +40,7 @@ CROP_POSITIONS = (0.0, 0.5, 1.0)  # where a window sits along each axis, of the 
 BORDERS = ((24, 2), (60, 3))
 STRIPS = (0.14, 0.2)  # the share of one side a caption bar takes, cut off the candidate (refinement finds the rest)
 FIRST_STEP, LAST_STEP = 0.08, 0.01  # refinement moves a window's edge by this share of its side, halving down to LAST
+REPEAT_GAIN = 1e-3  # a refinement round that gains more than this is repeated at the same step
 REFINED = 1  # coarse placements refined per pair
 RIDGE = 1e-3  # added to the colour covariances (per pixel), so that a window of one colour has a defined fit
 MIN_VARIANCE = 1e-3  # a candidate view flatter than this (per pixel and channel) explains nothing
@@ -256,7 +257,8 @@ class CopyIndex:
     def _refine(self, ref: _Reference, candidate: Candidate, placement: int, view: int) -> float:
         """Coordinate search over the reference window's centre and scale, its aspect held at the candidate view's
         (the web's edits scale a picture evenly, and a stretch fits look-alikes), each move a share of the window's
-        side that halves after every round (the candidate's view stays: moving both fits look-alikes too)."""
+        side that halves after a round that gains REPEAT_GAIN or less (the candidate's view stays: moving both fits
+        look-alikes too)."""
         turn, window = divmod(placement, len(ref.boxes))
         view_box = candidate.boxes[view].astype(np.float64)
         y = _centred(_sample(candidate.image, view_box[None].astype(np.float32), FINE_SIDE))
@@ -287,9 +289,11 @@ class CopyIndex:
                     moves.append((new, b))
             scores = _r2(self._windows(ref, turn, np.stack([b for _, b in moves])), y.expand(len(moves), -1, -1))
             top = int(scores.argmax())
-            if scores[top] > best:
+            gain = float(scores[top]) - best
+            if gain > 0:
                 best, state = float(scores[top]), moves[top][0]
-            step /= 2
+            if gain <= REPEAT_GAIN:
+                step /= 2
         return best
 
     @staticmethod
