@@ -2,7 +2,7 @@
 (pipeline/demo/alterations.py): alignment (filter/copies.py, what curate uses) against the pHash crop banks it
 replaced (filter/dedup.py's LeakBank), measured in the same run.
 
-    python bench/leak_recall.py [--root .] [--per-family 40] [--small]
+    python bench/leak_recall.py [--root .] [--per-family 40] [--stored-side 32] [--small]
 
 Every copy is stored as fetch stores it: img2dataset's Resizer with the fetch params (size, mode, format, quality).
 Also scored: altered copies of seed *train* images (a leak detector must not call those leaks of a test image) and
@@ -87,11 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".")
     parser.add_argument("--per-family", type=int, default=40)
+    parser.add_argument("--stored-side", type=int, help="store copies at this side, not fetch.image_size")
     parser.add_argument("--small", action="store_true", help="CI's size: 3 copies per family")
     args = parser.parse_args(argv)
     root = Paths(Path(args.root).resolve())
     per_family = 3 if args.small else args.per_family
     params = load_params(root.root / "params.yaml")
+    if args.stored_side:
+        params = params.model_copy(update={"fetch": params.fetch.model_copy(update={"image_size": args.stored_side})})
     cfg = params.curate
     rows, images, test_ids = candidates(root, params, per_family, 10 if args.small else 60)
     kinds = np.array([r[0] for r in rows])

@@ -43,6 +43,7 @@ CROP_POSITIONS = (0.0, 0.5, 1.0)  # where a window sits along each axis, of the 
 BORDERS = ((24, 2), (60, 3))
 STRIPS = (0.14, 0.2)  # the share of one side a caption bar takes, cut off the candidate (refinement finds the rest)
 FIRST_STEP, LAST_STEP = 0.08, 0.01  # refinement moves a window's edge by this share of its side, halving down to LAST
+REPEAT_GAIN = 1e-3  # a refinement round that gains more than this is repeated at the same step
 REFINED = 1  # coarse placements refined per pair
 RIDGE = 1e-3  # added to the colour covariances (per pixel), so that a window of one colour has a defined fit
 MIN_VARIANCE = 1e-3  # a candidate view flatter than this (per pixel and channel) explains nothing
@@ -257,27 +258,45 @@ class CopyIndex:
         return coarse, fine
 
     def _refine(self, ref: _Reference, candidate: Candidate, placement: int, view: int) -> float:
-        """Coordinate search over the 4 edges of the reference's window, each moving by a share of the window's side
-        that halves whenever no move helps (the candidate's view stays: moving both fits look-alikes too)."""
+        """Coordinate search over the reference window's centre and scale, its aspect held at the candidate view's
+        (the web's edits scale a picture evenly, and a stretch fits look-alikes), each move a share of the window's
+        side that halves after a round that gains REPEAT_GAIN or less (the candidate's view stays: moving both fits
+        look-alikes too)."""
         turn, window = divmod(placement, len(ref.boxes))
-        box = ref.boxes[window].astype(np.float64)
-        view_box = candidate.boxes[view][None]
-        y = _centred(_sample(candidate.image, view_box, FINE_SIDE))
-        limits = np.array(ref.image.shape[1::-1] * 2, np.float64)
-        best = float(_r2(self._windows(ref, turn, box[None]), y)[0])
+        view_box = candidate.boxes[view].astype(np.float64)
+        y = _centred(_sample(candidate.image, view_box[None].astype(np.float32), FINE_SIDE))
+        vw, vh = view_box[2] - view_box[0], view_box[3] - view_box[1]
+        aspect = vw / vh if turn % 2 == 0 else vh / vw  # the window's width / height in the reference
+        height, width = ref.image.shape[:2]
+        x0, y0, x1, y1 = ref.boxes[window].astype(np.float64)
+        side = float(np.sqrt((x1 - x0) * (y1 - y0)))  # the window's height is side / sqrt(aspect)
+        state = np.array([(x0 + x1) / 2, (y0 + y1) / 2, side])
+
+        def box(s: np.ndarray) -> np.ndarray | None:
+            h = min(s[2] / np.sqrt(aspect), height, width / aspect)
+            w = h * aspect
+            cx, cy = np.clip(s[0], w / 2, width - w / 2), np.clip(s[1], h / 2, height - h / 2)
+            return None if min(w, h) < 4 else np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+        current = box(state)
+        if current is None:
+            return 0.0
+        best = float(_r2(self._windows(ref, turn, current[None]), y)[0])
         step = FIRST_STEP
         while step >= LAST_STEP:
-            moved = []
-            for edge, sign in itertools.product(range(4), (-1.0, 1.0)):
-                new = box.copy()
-                new[edge] = np.clip(new[edge] + sign * step * (box[2 + edge % 2] - box[edge % 2]), 0, limits[edge])
-                if min(new[2] - new[0], new[3] - new[1]) >= 4:
-                    moved.append(new)
-            scores = _r2(self._windows(ref, turn, np.stack(moved)), y.expand(len(moved), -1, -1))
+            moves = []
+            for axis, sign in itertools.product(range(3), (-1.0, 1.0)):
+                new = state.copy()
+                new[axis] = state[axis] * (1 + sign * step) if axis == 2 else state[axis] + sign * step * state[2]
+                if (b := box(new)) is not None:
+                    moves.append((new, b))
+            scores = _r2(self._windows(ref, turn, np.stack([b for _, b in moves])), y.expand(len(moves), -1, -1))
             top = int(scores.argmax())
-            if scores[top] > best:
-                best, box = float(scores[top]), moved[top]
-            step /= 2
+            gain = float(scores[top]) - best
+            if gain > 0:
+                best, state = float(scores[top]), moves[top][0]
+            if gain <= REPEAT_GAIN:
+                step /= 2
         return best
 
     @staticmethod
