@@ -11,8 +11,8 @@ Two steps, so that a pair costs little. Coarse: the reference's 8 rotations and 
 crop windows down to half its area, against views of the candidate that undo framing (the whole, its content
 without a uniform border, the picture less a strip along one side where a caption bar sits, the squares of a
 letterbox), all scored by one matrix product: each placement's colours are whitened once per reference, so a fit's
-explained variance is the squared norm of a product. Fine: the best coarse placements are refined by a local search
-that moves each edge of both windows in turn, on a finer grid.
+explained variance is the squared norm of a product. Fine: the best coarse placement is refined by a local search
+that moves the reference window's centre and scale, its aspect held at the candidate view's, on a finer grid.
 
 Written by hand because no maintained library verifies copies of small pictures: local-feature matching (OpenCV's
 ORB, SIFT with RANSAC) finds too few keypoints in a 32 px picture to verify anything, and perceptual hashes (pHash,
