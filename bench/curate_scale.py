@@ -170,17 +170,22 @@ def main() -> None:
             f"(anonymous {runs[-1]['peak_anon_rss_gib']:.2f} GiB), "
             f"kept {runs[-1]['kept']:,}"
         )
-    if args.add and path.exists():
-        measured = {run["crawled"] for run in runs}
-        runs = sorted(
-            [run for run in json.loads(path.read_text())["runs"] if run["crawled"] not in measured] + runs,
-            key=lambda run: run["crawled"],
-        )
-    result = {"dim": DIM, "seed_images": SEED_IMAGES, "test_images": TEST_IMAGES, "cores": os.cpu_count(), "runs": runs}
-    if len(runs) >= 2:
+    previous = json.loads(path.read_text()) if args.add and path.exists() else {"runs": []}
+    measured = {run["crawled"] for run in runs}
+    kept = [run for run in previous["runs"] if run["crawled"] not in measured]
+    result = {
+        "dim": DIM,
+        "seed_images": SEED_IMAGES,
+        "test_images": TEST_IMAGES,
+        "cores": os.cpu_count(),
+        "runs": sorted(kept + runs, key=lambda run: run["crawled"]),
+    }
+    if len(runs) >= 2:  # growth between runs of one invocation: same code, same machine state
         result["time_growth"] = round(runs[-1]["seconds"] / runs[0]["seconds"], 2)
         result["size_growth"] = runs[-1]["crawled"] / runs[0]["crawled"]
         print(f"time grows {result['time_growth']}x for {result['size_growth']:.0f}x the crawl")
+    elif "time_growth" in previous:
+        result.update(time_growth=previous["time_growth"], size_growth=previous["size_growth"])
     write_json(path, result)
 
 

@@ -92,7 +92,7 @@ def rows_gpu(r: dict) -> list[tuple[str, str, str]]:
 def rows_curate_scale(r: dict) -> list[tuple[str, str, str]]:
     rows = [
         (
-            f"curate core: {run['crawled']:,} crawled",
+            f"curate core: {run['crawled']:,} crawled" + (f" ({run['commit']})" if "commit" in run else ""),
             f"{run['seconds']:.0f} s"
             + (
                 f" ({run['cpu_seconds']:.0f} CPU s, load {max(run['load_average_1min']):.1f})"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import faiss
 import numpy as np
@@ -104,9 +104,9 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.unpackbits(np.bitwise_xor(a, b), axis=-1).sum(axis=-1)
 
 
-def exact_duplicates(ids: Sequence[str], digests: Sequence[str]) -> dict[str, str]:
-    """{id: the first id (in the given order) with the same bytes} for every later copy."""
-    first: dict[str, str] = {}
+def exact_duplicates(ids: Sequence[Hashable], digests: Sequence[str]) -> dict[Hashable, Hashable]:
+    """{id: the first id (in the given order) with the same bytes} for every later copy (ids: names or rows)."""
+    first: dict[str, Hashable] = {}
     out = {}
     for image_id, digest in zip(ids, digests):
         if digest in first:
@@ -117,7 +117,7 @@ def exact_duplicates(ids: Sequence[str], digests: Sequence[str]) -> dict[str, st
 
 
 def near_duplicates(
-    ids: Sequence[str],
+    ids: Sequence[Hashable],
     neighbors: np.ndarray,
     similarities: np.ndarray,
     min_similarity: float,
@@ -125,8 +125,9 @@ def near_duplicates(
     read_images: Callable[[Sequence[int]], list[bytes]] | None,
     max_distance: int,
     rank: np.ndarray | None = None,
-) -> dict[str, str]:
-    """{id: the id kept for its group} for every other member of a group of copies (groups by union-find).
+) -> dict[Hashable, Hashable]:
+    """{id: the id kept for its group} for every other member of a group of copies (groups by union-find; ids: names
+    or rows).
 
     neighbors/similarities: each image's CLIP nearest neighbours within the crawl. A pair above min_similarity is
     a copy if the pHash of the later one (by `rank`, default position) is within max_distance of the earlier one's,
