@@ -22,7 +22,6 @@ which dedup.py uses) fail on rotations, large crops and hue changes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import itertools
 import multiprocessing
@@ -317,14 +316,8 @@ def _start_worker(ids: list[str], pictures: list[np.ndarray]) -> None:
     _worker_index = CopyIndex(ids, pictures)
 
 
-def _best_each(
-    index: CopyIndex, images: Sequence[bytes], rows: Sequence[np.ndarray], gate: float, proposals: int
-) -> list[tuple[float, int]]:
-    return [index.best(decode(image), r, gate, proposals) for image, r in zip(images, rows)]
-
-
-def _best_in_worker(images: list[bytes], rows: list[np.ndarray], gate: float, proposals: int) -> list[tuple]:
-    return _best_each(_worker_index, images, rows, gate, proposals)
+def _best_in_worker(image: bytes, rows: np.ndarray, gate: float, proposals: int) -> tuple[float, int]:
+    return _worker_index.best(decode(image), rows, gate, proposals)
 
 
 @contextlib.contextmanager
@@ -334,22 +327,21 @@ def verifier(
     """A function giving CopyIndex.best of each encoded candidate against its rows, over `workers` processes when
     there are POOL_MIN `candidates` or more (one index each; every pair is scored the same way in any process)."""
     if workers <= 1 or candidates < POOL_MIN:
+        index = CopyIndex(ids, pictures)
         with one_thread():
-            yield functools.partial(_best_each, CopyIndex(ids, pictures))
+            yield lambda images, rows, gate, proposals: [
+                index.best(decode(image), r, gate, proposals) for image, r in zip(images, rows)
+            ]
         return
     spawn = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
     with ProcessPoolExecutor(workers, spawn, initializer=_start_worker, initargs=(list(ids), list(pictures))) as pool:
-
-        def best_of_each(images, rows, gate, proposals):
-            step = max(1, -(-len(images) // (4 * workers)))
-            parts = [range(i, min(i + step, len(images))) for i in range(0, len(images), step)]
-            done = pool.map(
+        yield lambda images, rows, gate, proposals: list(
+            pool.map(
                 _best_in_worker,
-                [list(images[p.start : p.stop]) for p in parts],
-                [list(rows[p.start : p.stop]) for p in parts],
-                [gate] * len(parts),
-                [proposals] * len(parts),
+                images,
+                rows,
+                itertools.repeat(gate),
+                itertools.repeat(proposals),
+                chunksize=max(1, -(-len(images) // (4 * workers))),
             )
-            return [result for part in done for result in part]
-
-        yield best_of_each
+        )

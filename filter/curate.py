@@ -190,6 +190,13 @@ def _crawl_neighbors(
     return scores, neighbors
 
 
+def _drop_copies(decisions: Decisions, ids: Sequence[str], copies: dict, outcome: str, detail: str) -> None:
+    """Drop each copy row of {copy row: original row}, naming its original."""
+    rows = np.fromiter(copies.keys(), np.int64, len(copies))
+    decisions.duplicate_of[rows] = [ids[copies[r]] for r in rows]
+    decisions.drop(rows, outcome, [detail] * len(rows))
+
+
 class ExactDuplicates:
     """Same bytes as an earlier crawled image (in URL order): the first copy stays."""
 
@@ -198,9 +205,7 @@ class ExactDuplicates:
     def __call__(self, ctx: Context, decisions: Decisions) -> None:
         crawl, by_url = ctx.crawl, ctx.by_url
         copies = exact_duplicates(by_url, [crawl.digests[r] for r in by_url])  # rows, not ids: no id -> row map
-        rows = np.fromiter(copies.keys(), np.int64, len(copies))
-        decisions.duplicate_of[rows] = [crawl.ids[copies[r]] for r in rows]
-        decisions.drop(rows, self.outcome, ["same bytes"] * len(rows))
+        _drop_copies(decisions, crawl.ids, copies, self.outcome, "same bytes")
 
 
 class NearDuplicates:
@@ -222,9 +227,7 @@ class NearDuplicates:
             cfg.near_duplicate_hash_distance,
             ctx.url_rank[candidates],
         )
-        rows = np.fromiter(near.keys(), np.int64, len(near))
-        decisions.duplicate_of[rows] = [crawl.ids[near[r]] for r in rows]
-        decisions.drop(rows, self.outcome, ["near copy"] * len(rows))
+        _drop_copies(decisions, crawl.ids, near, self.outcome, "near copy")
 
 
 READ_ROWS = 10_000  # crawled images decoded at once by the leak detector

@@ -64,8 +64,8 @@ def _lanczos_weights(starts: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray
     pixel = np.arange(n)[None, None, :] - starts[:, None, None]  # positions within the crop
     lo = np.maximum(np.floor(centre - support + 0.5), 0)
     hi = np.minimum(np.floor(centre + support + 0.5), size)
-    weights = np.where((pixel >= lo) & (pixel < hi), np.sinc((pixel - centre + 0.5) / np.maximum(scale, 1.0)), 0.0)
-    weights *= np.sinc((pixel - centre + 0.5) / np.maximum(scale, 1.0) / 3.0)
+    x = (pixel - centre + 0.5) / np.maximum(scale, 1.0)
+    weights = np.where((pixel >= lo) & (pixel < hi), np.sinc(x) * np.sinc(x / 3.0), 0.0)
     return weights / weights.sum(axis=2, keepdims=True)
 
 
