@@ -141,7 +141,7 @@ def train_contrastive(
         held_pixels = augmented(held_pixels, torch.Generator().manual_seed(seed + 1))
     model = bundle.model
     optimizer = torch.optim.AdamW(
-        [*model.parameters(), *objective.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
+        [*model.parameters(), *objective.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
     )
     batch_size = min(cfg.batch_size, len(train))
     steps_per_epoch = max(1, len(train) // batch_size)

@@ -106,7 +106,9 @@ def train_prior(
     model.clip_std.requires_grad_(False)
     model.to(device).train()
     scheduler = noise_scheduler()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0, fused=True
+    )
     for step in range(cfg.steps):
         index = torch.randint(len(pairs), (min(cfg.batch_size, len(pairs)),), generator=generator)
         target = ((image[index].to(device) - model.clip_mean) / model.clip_std).detach()

@@ -133,7 +133,7 @@ def train_judge(params: Params, exclude: set[int], n: int = IMAGES, steps: int =
     with torch.random.fork_rng():
         torch.manual_seed(params.seed)
         judge = Judge()
-    optimizer = torch.optim.AdamW(judge.parameters(), lr=LR, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=LR, weight_decay=1e-4, fused=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=steps, pct_start=0.1)
     judge.train()
     for _ in range(steps):
