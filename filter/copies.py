@@ -44,7 +44,9 @@ STRIPS = (0.14, 0.2)  # the share of one side a caption bar takes, cut off the c
 FIRST_STEP, LAST_STEP = 0.08, 0.01  # refinement moves a window's edge by this share of its side, halving down to LAST
 REPEAT_GAIN = 1e-3  # a refinement round that gains more than this is repeated at the same step
 REFINED = 1  # coarse placements refined per pair
-RIDGE = 1e-3  # added to the colour covariances (per pixel), so that a window of one colour has a defined fit
+# added to the colour covariances (per pixel), so that a window of one colour has a defined fit; small, as it shrinks
+# every fit, a copy's most (README, "Curation", `leak`)
+RIDGE = 1e-4
 MIN_VARIANCE = 1e-3  # a candidate view flatter than this (per pixel and channel) explains nothing
 
 
@@ -82,19 +84,21 @@ def _centred(grids: torch.Tensor) -> torch.Tensor:
 
 def _whitened(x: torch.Tensor) -> torch.Tensor:
     """Centred colours (p, n, 3) times a factor L of (x'x + ridge)^-1 = L L': y's variance explained by the affine
-    fit from x is then |(xL)'y|^2."""
+    fit from x is then |(xL)'y|^2. The 3x3 algebra runs in float64: a window whose colours lie on a line (a grey
+    picture) leaves x'x near-singular, which float32 cannot factor at this ridge."""
     n = x.shape[-2]
-    inverse = torch.linalg.inv(x.transpose(-1, -2) @ x + RIDGE * n * torch.eye(3))
-    return x @ torch.linalg.cholesky(inverse)
+    gram = (x.transpose(-1, -2) @ x).double() + RIDGE * n * torch.eye(3, dtype=torch.float64)
+    return x @ torch.linalg.cholesky(torch.linalg.inv(gram)).float()
 
 
 def _r2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """R^2 of the affine colour fit of y from x, pair by pair: x, y (p, n, 3) centred -> (p,). The explained
-    variance tr(y'x (x'x + ridge)^-1 x'y) takes one batched solve (whitening x takes an inverse and a factoring)."""
+    variance tr(y'x (x'x + ridge)^-1 x'y) takes one batched solve (whitening x takes an inverse and a factoring), in
+    float64 as there."""
     total = (y * y).sum(dim=(1, 2))
     xy = x.transpose(1, 2) @ y
-    gram = x.transpose(1, 2) @ x + RIDGE * x.shape[1] * torch.eye(3)
-    explained = (xy * torch.linalg.solve(gram, xy)).sum(dim=(1, 2))
+    gram = (x.transpose(1, 2) @ x).double() + RIDGE * x.shape[1] * torch.eye(3, dtype=torch.float64)
+    explained = (xy * torch.linalg.solve(gram, xy.double()).float()).sum(dim=(1, 2))
     return torch.where(total > MIN_VARIANCE * y.shape[1] * 3, explained / total.clamp_min(1e-12), 0.0)
 
 

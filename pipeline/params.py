@@ -217,7 +217,7 @@ class CurateParams(_Section):
         0.8, ge=0, le=1, description="coarse alignment R^2 a crawled-test pair needs to be refined"
     )
     leak_copy_score: float = Field(
-        0.94, ge=0, le=1, description="refined alignment R^2 at which a crawled image copies a seed test image"
+        0.95, ge=0, le=1, description="refined alignment R^2 at which a crawled image copies a seed test image"
     )
     leak_workers: int = Field(
         0, ge=0, le=1024, description="processes verifying leak candidates (0: one per CPU); decisions stay the same"
