@@ -2,7 +2,7 @@
 (pipeline/demo/alterations.py): alignment (filter/copies.py, what curate uses) against the pHash crop banks it
 replaced (filter/dedup.py's LeakBank), measured in the same run.
 
-    python bench/leak_recall.py [--root .] [--per-family 40] [--stored-side 32] [--small]
+    python bench/leak_recall.py [--root .] [--per-family 40] [--train-copies 300] [--stored-side 32] [--small]
 
 Every copy is stored as fetch stores it: img2dataset's Resizer with the fetch params (size, mode, format, quality).
 Also scored: altered copies of seed *train* images (a leak detector must not call those leaks of a test image) and
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".")
     parser.add_argument("--per-family", type=int, default=40)
+    parser.add_argument("--train-copies", type=int, default=300, help="altered copies of seed train images")
     parser.add_argument("--stored-side", type=int, help="store copies at this side, not fetch.image_size")
     parser.add_argument("--small", action="store_true", help="CI's size: 3 copies per family")
     args = parser.parse_args(argv)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stored_side:
         params = params.model_copy(update={"fetch": params.fetch.model_copy(update={"image_size": args.stored_side})})
     cfg = params.curate
-    rows, images, test_ids = candidates(root, params, per_family, 10 if args.small else 60)
+    rows, images, test_ids = candidates(root, params, per_family, 10 if args.small else args.train_copies)
     kinds = np.array([r[0] for r in rows])
     families = np.array([r[1] for r in rows])
     sources = np.array([r[2] for r in rows])
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     detectors = {"phash": np.array([row_of.get(s, -1) in m for s, m in zip(sources, matched)])}
     detectors.update({name: scores >= t for name, t in thresholds.items()})
     alarms = {"phash": closest <= PHASH_DISTANCE, **{name: scores >= t for name, t in thresholds.items()}}
-    result = {"copies_per_family": per_family, "thresholds": thresholds, "detectors": {}}
+    result = {"copies_per_family": per_family, "train_copies": int((kinds == "train_copy").sum()),
+              "thresholds": thresholds, "detectors": {}}  # fmt: skip
     for name, hit in detectors.items():
         result["detectors"][name] = {
             "recall": recall_by_family(hit, kinds, families),

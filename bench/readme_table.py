@@ -185,7 +185,7 @@ def rows_leak_recall(r: dict) -> list[tuple[str, str, str]]:
                 f"min {min(recall.values()):.2f} / mean {sum(recall.values()) / len(recall):.2f}",
                 ", ".join(f"{f} {v:.2f}" for f, v in recall.items())
                 + f"; alarms on look-alikes {d['lookalike_false_alarm_rate']:.3f}, on train copies "
-                f"{d['train_copy_false_alarms']}",
+                f"{d['train_copy_false_alarms']} of {r.get('train_copies', '?')}",
             )
         )
     cost, scale = r["cost"], r["cost"]["1M_x_10k"]
