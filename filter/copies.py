@@ -195,6 +195,60 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _coarse(ref: _Reference, candidate: Candidate) -> torch.Tensor:
+    """R^2 (placements, views) of every coarse placement of the reference on every view of the candidate."""
+    p, n, _ = ref.x.shape
+    explained = (ref.x.transpose(1, 2).reshape(p * 3, n) @ candidate.y).square_()
+    return explained.view(p, 3, -1, 3).sum(dim=3).sum(dim=1) / candidate.total
+
+
+def _refine(ref: _Reference, candidate: Candidate, placement: int, view: int) -> float:
+    """Coordinate search over the reference window's centre and scale, its aspect held at the candidate view's
+    (the web's edits scale a picture evenly, and a stretch fits look-alikes), each move a share of the window's
+    side that halves after a round that gains REPEAT_GAIN or less (the candidate's view stays: moving both fits
+    look-alikes too)."""
+    turn, window = divmod(placement, len(ref.boxes))
+    view_box = candidate.boxes[view].astype(np.float64)
+    y = _centred(_sample(candidate.image, view_box[None].astype(np.float32), FINE_SIDE))
+    vw, vh = float(view_box[2] - view_box[0]), float(view_box[3] - view_box[1])
+    aspect = vw / vh if turn % 2 == 0 else vh / vw  # the window's width / height in the reference
+    height, width = ref.image.shape[:2]
+    x0, y0, x1, y1 = ref.boxes[window].astype(np.float64)
+    side = float(np.sqrt((x1 - x0) * (y1 - y0)))  # the window's height is side / sqrt(aspect)
+    state = np.array([(x0 + x1) / 2, (y0 + y1) / 2, side])
+
+    def box(s: np.ndarray) -> np.ndarray | None:
+        h = min(float(s[2]) / aspect**0.5, height, width / aspect)
+        w = h * aspect
+        cx, cy = min(max(float(s[0]), w / 2), width - w / 2), min(max(float(s[1]), h / 2), height - h / 2)
+        return None if min(w, h) < 4 else np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+    current = box(state)
+    if current is None:
+        return 0.0
+    best = float(_r2(_windows(ref, turn, current[None]), y)[0])
+    step = FIRST_STEP
+    while step >= LAST_STEP:
+        moves = []
+        for axis, sign in itertools.product(range(3), (-1.0, 1.0)):
+            new = state.copy()
+            new[axis] = state[axis] * (1 + sign * step) if axis == 2 else state[axis] + sign * step * state[2]
+            if (b := box(new)) is not None:
+                moves.append((new, b))
+        scores = _r2(_windows(ref, turn, np.stack([b for _, b in moves])), y.expand(len(moves), -1, -1))
+        top = int(scores.argmax())
+        gain = float(scores[top]) - best
+        if gain > 0:
+            best, state = float(scores[top]), moves[top][0]
+        if gain <= REPEAT_GAIN:
+            step /= 2
+    return best
+
+
+def _windows(ref: _Reference, turn: int, boxes: np.ndarray) -> torch.Tensor:
+    return _centred(_turn(_sample(ref.image, boxes, FINE_SIDE), turn))
+
+
 class CopyIndex:
     """The seed test pictures, against which candidates are verified (a reference's coarse placements are prepared
     the first time a candidate is checked against it).
@@ -230,10 +284,7 @@ class CopyIndex:
 
     def coarse(self, candidate: Candidate, row: int) -> torch.Tensor:
         """R^2 (placements, views) of every coarse placement of reference `row` on every view of the candidate."""
-        x = self._reference(row).x  # (placements, n, 3)
-        p, n, _ = x.shape
-        explained = (x.transpose(1, 2).reshape(p * 3, n) @ candidate.y).square_()
-        return explained.view(p, 3, -1, 3).sum(dim=3).sum(dim=1) / candidate.total
+        return _coarse(self._reference(row), candidate)
 
     def best(self, pixels: np.ndarray, rows: Sequence[int], gate: float, proposals: int = 0) -> tuple[float, int]:
         """The copy score of an (H, W, 3) picture against the references in rows and the `proposals` references
@@ -260,63 +311,21 @@ class CopyIndex:
             r2 = fits[at]
             best = r2.flatten().topk(min(REFINED, r2.numel())).indices
             ref = self._reference(int(rows[at]))
-            fine[at] = max(self._refine(ref, candidate, *divmod(int(b), r2.shape[1])) for b in best)
+            fine[at] = max(_refine(ref, candidate, *divmod(int(b), r2.shape[1])) for b in best)
         return coarse, fine
-
-    def _refine(self, ref: _Reference, candidate: Candidate, placement: int, view: int) -> float:
-        """Coordinate search over the reference window's centre and scale, its aspect held at the candidate view's
-        (the web's edits scale a picture evenly, and a stretch fits look-alikes), each move a share of the window's
-        side that halves after a round that gains REPEAT_GAIN or less (the candidate's view stays: moving both fits
-        look-alikes too)."""
-        turn, window = divmod(placement, len(ref.boxes))
-        view_box = candidate.boxes[view].astype(np.float64)
-        y = _centred(_sample(candidate.image, view_box[None].astype(np.float32), FINE_SIDE))
-        vw, vh = float(view_box[2] - view_box[0]), float(view_box[3] - view_box[1])
-        aspect = vw / vh if turn % 2 == 0 else vh / vw  # the window's width / height in the reference
-        height, width = ref.image.shape[:2]
-        x0, y0, x1, y1 = ref.boxes[window].astype(np.float64)
-        side = float(np.sqrt((x1 - x0) * (y1 - y0)))  # the window's height is side / sqrt(aspect)
-        state = np.array([(x0 + x1) / 2, (y0 + y1) / 2, side])
-
-        def box(s: np.ndarray) -> np.ndarray | None:
-            h = min(float(s[2]) / aspect**0.5, height, width / aspect)
-            w = h * aspect
-            cx, cy = min(max(float(s[0]), w / 2), width - w / 2), min(max(float(s[1]), h / 2), height - h / 2)
-            return None if min(w, h) < 4 else np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-
-        current = box(state)
-        if current is None:
-            return 0.0
-        best = float(_r2(self._windows(ref, turn, current[None]), y)[0])
-        step = FIRST_STEP
-        while step >= LAST_STEP:
-            moves = []
-            for axis, sign in itertools.product(range(3), (-1.0, 1.0)):
-                new = state.copy()
-                new[axis] = state[axis] * (1 + sign * step) if axis == 2 else state[axis] + sign * step * state[2]
-                if (b := box(new)) is not None:
-                    moves.append((new, b))
-            scores = _r2(self._windows(ref, turn, np.stack([b for _, b in moves])), y.expand(len(moves), -1, -1))
-            top = int(scores.argmax())
-            gain = float(scores[top]) - best
-            if gain > 0:
-                best, state = float(scores[top]), moves[top][0]
-            if gain <= REPEAT_GAIN:
-                step /= 2
-        return best
-
-    @staticmethod
-    def _windows(ref: _Reference, turn: int, boxes: np.ndarray) -> torch.Tensor:
-        return _centred(_turn(_sample(ref.image, boxes, FINE_SIDE), turn))
 
 
 POOL_MIN = 2_000  # candidates below which starting worker processes (a torch import each) costs more than it saves
 _worker_index: CopyIndex | None = None
 
 
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
 def _start_worker(ids: list[str], pictures: list[np.ndarray]) -> None:
     global _worker_index
-    torch.set_num_threads(1)
+    _one_torch_thread()
     _worker_index = CopyIndex(ids, pictures)
 
 
@@ -349,3 +358,50 @@ def verifier(
                 chunksize=max(1, -(-len(images) // (4 * workers))),
             )
         )
+
+
+def pair_scores(images: Sequence[bytes], pairs: Sequence[tuple[int, int]], gate: float) -> list[float]:
+    """The copy score of each pair of encoded pictures (positions into images), either way round: a crop keeps only
+    part of its original, and only the original can be the reference, so the pair is scored both ways (each refined
+    if its coarse score passes the gate, else its coarse score stands; the coarse scores do not tell which way is
+    right) and the better way counts. Each picture is prepared once."""
+    prepared: dict[int, tuple[_Reference, Candidate]] = {}
+
+    def picture(at: int) -> tuple[_Reference, Candidate]:
+        if at not in prepared:
+            pixels = decode(images[at])
+            prepared[at] = _Reference(pixels), Candidate(pixels)
+        return prepared[at]
+
+    scores = []
+    for first, second in pairs:
+        (first_ref, first_view), (second_ref, second_view) = picture(first), picture(second)
+        way_scores = []
+        for ref, candidate in ((first_ref, second_view), (second_ref, first_view)):
+            r2 = _coarse(ref, candidate)
+            score = float(r2.max())
+            if score >= gate:
+                score = _refine(ref, candidate, *divmod(int(r2.flatten().argmax()), r2.shape[1]))
+            way_scores.append(score)
+        scores.append(max(way_scores))
+    return scores
+
+
+def pair_scores_in_parallel(
+    images: Sequence[bytes], pairs: Sequence[tuple[int, int]], gate: float, workers: int
+) -> list[float]:
+    """pair_scores over `workers` processes when there are POOL_MIN pairs or more, each sent the pictures of its
+    share of the pairs (in order, so a picture's pairs mostly fall in one share). Every pair scores the same in any
+    process."""
+    if workers <= 1 or len(pairs) < POOL_MIN:
+        with one_thread():
+            return pair_scores(images, pairs, gate)
+    shares = []
+    for share in np.array_split(np.arange(len(pairs)), 4 * workers):
+        used = sorted({at for k in share for at in pairs[k]})
+        position = {at: i for i, at in enumerate(used)}
+        shares.append(([images[at] for at in used], [(position[pairs[k][0]], position[pairs[k][1]]) for k in share]))
+    spawn = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
+    with ProcessPoolExecutor(workers, spawn, initializer=_one_torch_thread) as pool:
+        done = pool.map(pair_scores, *zip(*shares), itertools.repeat(gate))
+        return [score for scores in done for score in scores]

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 import torch
 
-from dextra.filter.copies import decode, verifier
+from dextra.filter.copies import decode, pair_scores_in_parallel, verifier
 from dextra.filter.dedup import exact_duplicates, near_duplicates
 from dextra.filter.detectors import SeedClassifier, cluster_detector, seed_spread_threshold
 from dextra.filter.extrapolate import extrapolate_batch
@@ -209,7 +209,9 @@ class ExactDuplicates:
 
 
 class NearDuplicates:
-    """A near copy of another crawled image still in question: CLIP neighbours proposed, perceptual hashes confirm."""
+    """A near copy of another crawled image still in question: CLIP neighbours propose, and alignment
+    (filter/copies.py, the leak check's) confirms where the pHashes differ by more than
+    curate.near_duplicate_hash_distance bits: crops, flips, rotations, borders and recolourings that pHash misses."""
 
     outcome = "duplicate"
 
@@ -217,14 +219,27 @@ class NearDuplicates:
         crawl, cfg = ctx.crawl, ctx.cfg
         candidates = decisions.open_rows()
         scores, neighbors = _crawl_neighbors(crawl.vectors, candidates, ctx.seed_index.ntotal, ctx.seed_neighbors, cfg)
+        workers = cfg.leak_workers or len(os.sched_getaffinity(0))
+
+        def aligned(pairs: np.ndarray) -> np.ndarray:
+            """Whether each pair (positions into candidates) copies: its pictures read READ_ROWS at a time."""
+            copies = []
+            for start in range(0, len(pairs), READ_ROWS):
+                batch = pairs[start : start + READ_ROWS]
+                used, at = np.unique(batch, return_inverse=True)
+                images = crawl.read_images(candidates[used])
+                pair_scores = pair_scores_in_parallel(images, at.reshape(-1, 2).tolist(), cfg.leak_gate, workers)
+                copies.append(np.array(pair_scores) >= cfg.near_duplicate_copy_score)
+            return np.concatenate(copies)
+
         near = near_duplicates(
             candidates,  # rows, not ids: no id -> row map
             neighbors,
             scores,
             cfg.near_duplicate_similarity,
             [crawl.hashes[r] for r in candidates] if crawl.hashes is not None else None,
-            (lambda rows: crawl.read_images(candidates[rows])) if crawl.read_images is not None else None,
             cfg.near_duplicate_hash_distance,
+            aligned if crawl.read_images is not None else None,
             ctx.url_rank[candidates],
         )
         _drop_copies(decisions, crawl.ids, near, self.outcome, "near copy")

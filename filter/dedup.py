@@ -1,9 +1,11 @@
-"""Duplicates inside the crawl, and leaks: crawled near-copies of seed *test* images.
+"""Duplicates inside the crawl, and pHash crop banks, the leak check that alignment (filter/copies.py) replaced and
+bench/leak_recall.py measures against it.
 
 CLIP similarity alone misses most near-copies (DataComp measured recall 0.02 at precision 0.9 for B/32) and
-flags look-alikes, so a copy needs two votes: CLIP proposes, a perceptual hash (imagehash's pHash) confirms.
-pHash survives resizing, re-compression and colour shifts but not crops or flips, so one side of every
-comparison is a *bank*: the pHashes of a grid of crops of the image and of its mirror image.
+flags look-alikes, so a copy needs two votes: CLIP proposes, and a check that survives the web's edits confirms
+(curate passes alignment; pHashes within a few bits confirm first, where alignment agrees). pHash survives
+resizing, re-compression and colour shifts but not crops or flips, so one side of every bank comparison is a
+*bank*: the pHashes of a grid of crops of the image and of its mirror image.
 """
 
 from __future__ import annotations
@@ -122,20 +124,17 @@ def near_duplicates(
     similarities: np.ndarray,
     min_similarity: float,
     hashes: Sequence[bytes] | None,
-    read_images: Callable[[Sequence[int]], list[bytes]] | None,
     max_distance: int,
+    confirm: Callable[[np.ndarray], np.ndarray] | None,
     rank: np.ndarray | None = None,
 ) -> dict[Hashable, Hashable]:
     """{id: the id kept for its group} for every other member of a group of copies (groups by union-find; ids: names
     or rows).
 
     neighbors/similarities: each image's CLIP nearest neighbours within the crawl. A pair above min_similarity is
-    a copy if the pHash of the later one (by `rank`, default position) is within max_distance of the earlier one's,
-    or else of the crop bank of the earlier one; without images (hashes None) CLIP similarity decides alone. A group
-    keeps its earliest member. read_images(rows) returns the encoded images of those rows; it is called once, for the
-    earlier member of every candidate pair whose hashes differ, so a large crawl's other images are never read and
-    the crop banks (162 resized views each, most of curate's time on the demo) are made only where they decide.
-    """
+    a copy if its pHashes are within max_distance (a shortcut where the check agrees), or else if confirm, given
+    the (k, 2) rows of the earlier (by `rank`, default position) and later member of each such pair, says so (a
+    bool per pair); without confirm, CLIP similarity decides alone. A group keeps its earliest member."""
     rank = np.arange(len(ids)) if rank is None else np.asarray(rank)
     parent = list(range(len(ids)))
 
@@ -147,27 +146,22 @@ def near_duplicates(
 
     queries = np.broadcast_to(np.arange(len(ids))[:, None], neighbors.shape)
     close = (neighbors >= 0) & (neighbors != queries) & (similarities >= min_similarity)  # few pairs: copies only
-    pairs = [
-        (i, j) if rank[i] < rank[j] else (j, i) for i, j in zip(queries[close].tolist(), neighbors[close].tolist())
-    ]
-    differ: set[tuple[int, int]] = set()  # the pairs whose own hashes are too far apart: a crop bank decides
-    if hashes is not None and pairs:
-        codes, ends = np.frombuffer(b"".join(hashes), np.uint8).reshape(-1, HASH_BYTES), np.array(pairs)
-        far = hamming(codes[ends[:, 0]], codes[ends[:, 1]]) > max_distance
-        differ = {pair for pair, is_far in zip(pairs, far.tolist()) if is_far}
-    earlier = sorted({a for a, _ in differ})
-    images = dict(zip(earlier, read_images(earlier))) if earlier else {}
-    banks: dict[int, np.ndarray] = {}
-    for a, b in pairs:
-        if root(a) == root(b):
-            continue
-        if (a, b) in differ:
-            if a not in banks:
-                banks[a] = crop_bank(images.pop(a))
-            if hamming(banks[a], np.frombuffer(hashes[b], np.uint8)).min() > max_distance:
-                continue
-        ra, rb = root(a), root(b)
-        parent[max(ra, rb, key=rank.__getitem__)] = min(ra, rb, key=rank.__getitem__)
+    pairs = sorted(
+        {(i, j) if rank[i] < rank[j] else (j, i) for i, j in zip(queries[close].tolist(), neighbors[close].tolist())},
+        key=lambda pair: (rank[pair[0]], rank[pair[1]]),
+    )
+    copies = np.ones(len(pairs), bool)
+    if confirm is not None and pairs:
+        ends = np.array(pairs)
+        if hashes is not None:
+            codes = np.frombuffer(b"".join(hashes), np.uint8).reshape(-1, HASH_BYTES)
+            copies = hamming(codes[ends[:, 0]], codes[ends[:, 1]]) <= max_distance
+        if (~copies).any():
+            copies[~copies] = confirm(ends[~copies])
+    for (a, b), is_copy in zip(pairs, copies.tolist()):
+        if is_copy:
+            ra, rb = root(a), root(b)
+            parent[max(ra, rb, key=rank.__getitem__)] = min(ra, rb, key=rank.__getitem__)
     return {ids[i]: ids[root(i)] for i in range(len(ids)) if root(i) != i}
 
 

@@ -199,12 +199,15 @@ class CurateParams(_Section):
     ridge: float = Field(0.01, ge=0, le=100.0, description="ridge term of the least-squares weights")
     # similarity to the seed set, and the thresholds calibrated on the seed's own spread
     seed_k: int = Field(5, ge=1, le=256, description="nearest seed images averaged into a similarity-to-seed score")
-    # duplicates: CLIP proposes, a perceptual hash confirms
+    # duplicates: CLIP proposes; close pHashes, or else alignment (filter/copies.py), confirm
     near_duplicate_similarity: float = Field(
         0.9, ge=-1, le=1, description="CLIP similarity above which two crawled images are compared as possible copies"
     )
     near_duplicate_hash_distance: int = Field(
-        8, ge=0, le=64, description="pHash bits within which a possible copy is a copy"
+        2, ge=0, le=64, description="pHash bits within which a possible copy is a copy without alignment"
+    )
+    near_duplicate_copy_score: float = Field(
+        0.96, ge=0, le=1, description="alignment R^2 at which a possible copy is a copy (either way round)"
     )
     # leaks: CLIP proposes, alignment verifies (filter/copies.py)
     leak_candidates: int = Field(
@@ -214,13 +217,16 @@ class CurateParams(_Section):
         2, ge=0, le=1024, description="more test images, best by a whole-picture comparison in 8 turns, verified too"
     )
     leak_gate: float = Field(
-        0.8, ge=0, le=1, description="coarse alignment R^2 a crawled-test pair needs to be refined"
+        0.8, ge=0, le=1, description="coarse alignment R^2 a pair (leak or near copy) needs to be refined"
     )
     leak_copy_score: float = Field(
         0.95, ge=0, le=1, description="refined alignment R^2 at which a crawled image copies a seed test image"
     )
     leak_workers: int = Field(
-        0, ge=0, le=1024, description="processes verifying leak candidates (0: one per CPU); decisions stay the same"
+        0,
+        ge=0,
+        le=1024,
+        description="processes aligning leak and near-copy pairs (0: one per CPU); decisions stay the same",
     )
     # detector 1: clusters per query
     cluster_detector: bool = True

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dextra.filter.copies import POOL_MIN, Candidate, CopyIndex, candidate_boxes, decode, verifier
+from dextra.filter.copies import (
+    POOL_MIN,
+    Candidate,
+    CopyIndex,
+    candidate_boxes,
+    decode,
+    pair_scores,
+    pair_scores_in_parallel,
+    verifier,
+)
 from dextra.pipeline.demo.alterations import FAMILIES, SINGLE, WEB_SIDE, alter
 from dextra.pipeline.demo.draw import compose, digit_mask, draw_texture
 from dextra.pipeline.demo.seed import digits, seed_images, seed_order
@@ -18,6 +27,7 @@ from tests.helpers import REPO
 
 REFERENCES = 12
 GATE, COPY = 0.8, 0.95  # params.yaml's curate.leak_gate and leak_copy_score
+NEAR_COPY = 0.96  # params.yaml's curate.near_duplicate_copy_score
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +135,31 @@ def test_verifier_scores_the_same_in_worker_processes(pictures):
         assert in_workers(encoded, rows, GATE, 2) == alone
         assert in_workers([], [], GATE, 2) == []
     assert [row for _, row in alone] == [0, 1, 2]
+
+
+def stored_bytes(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(stored(pixels)).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("family", ["crop", "rotate", "mirror", "pad", "caption_bar", "colour", "rescale"])
+def test_a_crawled_copy_of_another_crawled_picture_scores_as_one_either_way_round(pictures, family):
+    """Near duplicates inside the crawl: neither picture is known to be the original, so a pair scores the same
+    whichever comes first, and a crop is found although only its original can hold the other."""
+    copies = [stored_bytes(alter(pictures[k], family, np.random.default_rng([5, k]))[0]) for k in (0, 3)]
+    originals = [stored_bytes(pictures[k]) for k in (0, 3)]
+    images = [*originals, *copies]
+    forward, backward, apart, apart_copies = pair_scores(images, [(0, 2), (2, 0), (0, 1), (2, 3)], GATE)
+    assert forward == backward >= NEAR_COPY, (forward, backward)
+    assert max(apart, apart_copies) < NEAR_COPY, (apart, apart_copies)
+
+
+def test_pair_scores_are_the_same_in_worker_processes(pictures):
+    images = [stored_bytes(p) for p in pictures[:4]]
+    images += [stored_bytes(alter(p, "crop", np.random.default_rng([6, k]))[0]) for k, p in enumerate(pictures[:4])]
+    pairs = [(k, k + 4) for k in range(4)] + [(k, (k + 1) % 4) for k in range(4)]
+    alone = pair_scores_in_parallel(images, pairs, GATE, 1)
+    assert pair_scores_in_parallel(images, pairs * (POOL_MIN // len(pairs) + 1), GATE, 2)[: len(pairs)] == alone
+    assert min(alone[:4]) >= NEAR_COPY > max(alone[4:]), alone
+    assert pair_scores_in_parallel(images, [], GATE, 2) == []

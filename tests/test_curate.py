@@ -145,20 +145,26 @@ def test_duplicates_exact_and_near():
         encode(originals[2], "JPEG", 60),
     ]
     neighbours = np.array([[2, 1], [0, 3], [0, 1], [1, 4], [3, 0]])
-    similarities = np.full((5, 2), 0.95)  # CLIP calls every pair a candidate; pHash must tell copies apart
+    similarities = np.full((5, 2), 0.95)  # CLIP calls every pair a candidate; the hashes or the check tell copies apart
     asked = []
 
-    def read(rows):
-        asked.append(list(rows))
-        return [images[r] for r in rows]
+    def confirm(pairs):
+        asked.append(pairs.tolist())
+        return np.array([tuple(p) == (0, 2) for p in pairs.tolist()])  # the crop, as alignment would find it
 
     hashes = [phash(b) for b in images]
-    found = near_duplicates(list("abcde"), neighbours, similarities, 0.9, hashes, read, 8)
+    found = near_duplicates(list("abcde"), neighbours, similarities, 0.9, hashes, 2, confirm)
     assert found == {"c": "a", "e": "d"}
-    # one read, of the earlier image of each pair whose own hashes differ: the recompressed copy needs no crop bank
-    assert asked == [[0, 1]]
-    assert near_duplicates(list("abcde"), neighbours, similarities, 0.99, hashes, read, 8) == {}
-    assert hamming(np.frombuffer(phash(images[0]), np.uint8), np.frombuffer(phash(images[2]), np.uint8)) > 0
+    # asked once, for every pair whose hashes differ, earlier member first: the recompressed copy's hashes agree
+    assert sorted(map(tuple, asked[0])) == [(0, 1), (0, 2), (0, 4), (1, 2), (1, 3)] and len(asked) == 1
+    assert near_duplicates(list("abcde"), neighbours, similarities, 0.99, hashes, 2, confirm) == {}
+    # without a check, CLIP alone decides; a later rank makes the other member the one kept
+    assert near_duplicates(list("ab"), np.array([[1], [0]]), np.full((2, 1), 0.95), 0.9, None, 2, None) == {"b": "a"}
+    ranked = near_duplicates(
+        list("ab"), np.array([[1], [0]]), np.full((2, 1), 0.95), 0.9, None, 2, None, np.array([1, 0])
+    )
+    assert ranked == {"a": "b"}
+    assert hamming(np.frombuffer(phash(images[0]), np.uint8), np.frombuffer(phash(images[2]), np.uint8)) > 2
 
 
 def test_decisions_and_extrapolation_on_known_fixture(tmp_path, make_params):
