@@ -16,6 +16,7 @@ Rules (pipeline/demo/web.py writes the truth):
   not the vote, so each row's feature is read back as the seed train caption whose embedding is nearest to it,
   and that caption's digit, foreground and background colour are compared with the truth.
 - Leak recall: the share of leak URLs (near-duplicates of seed test images) not kept, whatever the reason.
+- Duplicates: the groups with copies, and those kept more than once (the duplicate detectors' misses).
 Writes bench/results/curation_quality.json under --root.
 """
 
@@ -169,6 +170,12 @@ def score(
         "flagged": int((leak & (truth["outcome"] == "leak")).sum()),
         "recall": _ratio(int((leak & ~kept).sum()), int(leak.sum())),
         "false_alarms": int((~leak & (truth["outcome"] == "leak")).sum()),
+    }
+    kept_per_group = root[kept].value_counts()
+    result["duplicates"] = {
+        "groups": int((truth["kind"].isin(["duplicate_exact", "duplicate_near"])).groupby(root).any().sum()),
+        "groups_kept_more_than_once": int((kept_per_group > 1).sum()),
+        "extra_copies_kept": int((kept_per_group - 1).sum()),
     }
     counts = pd.crosstab(truth["kind"], truth["outcome"])
     result["per_kind"] = {

@@ -24,6 +24,18 @@ def rows_curation_quality(r: dict) -> list[tuple[str, str, str]]:
             f"{kept['precision'] / base['precision']:.2f}× keep-everything ({base['precision']:.3f})",
         ),
         ("curation: kept recall", f"{kept['recall']:.3f}", f"keep-everything {base['recall']:.3f}"),
+        *(
+            [
+                (
+                    "curation: duplicate groups kept more than once",
+                    f"{r['duplicates']['groups_kept_more_than_once']}",
+                    f"of {r['duplicates']['groups']} groups with copies; "
+                    f"{r['duplicates']['extra_copies_kept']} extra copies kept",
+                )
+            ]
+            if "duplicates" in r
+            else []
+        ),
         (
             "curation: extrapolation class / colour accuracy",
             f"{extra['class_accuracy']:.3f} / {extra['color_accuracy']:.3f}",
