@@ -15,7 +15,7 @@ START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 
 
 def rows_curation_quality(r: dict) -> list[tuple[str, str, str]]:
-    kept, base, extra, leak = r["kept"], r["baseline_keep_fetched"], r["extrapolation"], r["leak"]
+    kept, base, extra, leak, dup = r["kept"], r["baseline_keep_fetched"], r["extrapolation"], r["leak"], r["duplicates"]
     condition = r["condition"]
     return [
         (
@@ -24,17 +24,10 @@ def rows_curation_quality(r: dict) -> list[tuple[str, str, str]]:
             f"{kept['precision'] / base['precision']:.2f}× keep-everything ({base['precision']:.3f})",
         ),
         ("curation: kept recall", f"{kept['recall']:.3f}", f"keep-everything {base['recall']:.3f}"),
-        *(
-            [
-                (
-                    "curation: duplicate groups kept more than once",
-                    f"{r['duplicates']['groups_kept_more_than_once']}",
-                    f"of {r['duplicates']['groups']} groups with copies; "
-                    f"{r['duplicates']['extra_copies_kept']} extra copies kept",
-                )
-            ]
-            if "duplicates" in r
-            else []
+        (
+            "curation: duplicate groups kept more than once",
+            f"{dup['groups_kept_more_than_once']}",
+            f"of {dup['groups']} groups with copies; {dup['extra_copies_kept']} extra copies kept",
         ),
         (
             "curation: extrapolation class / colour accuracy",
@@ -197,7 +190,7 @@ def rows_leak_recall(r: dict) -> list[tuple[str, str, str]]:
                 f"min {min(recall.values()):.2f} / mean {sum(recall.values()) / len(recall):.2f}",
                 ", ".join(f"{f} {v:.2f}" for f, v in recall.items())
                 + f"; alarms on look-alikes {d['lookalike_false_alarm_rate']:.3f}, on train copies "
-                f"{d['train_copy_false_alarms']} of {r.get('train_copies', '?')}",
+                f"{d['train_copy_false_alarms']} of {r['train_copies']}",
             )
         )
     cost, scale = r["cost"], r["cost"]["1M_x_10k"]

@@ -249,6 +249,12 @@ def _windows(ref: _Reference, turn: int, boxes: np.ndarray) -> torch.Tensor:
     return _centred(_turn(_sample(ref.image, boxes, FINE_SIDE), turn))
 
 
+def _refined(ref: _Reference, candidate: Candidate, r2: torch.Tensor) -> float:
+    """The best refined score of the REFINED best coarse placements (r2: _coarse's)."""
+    best = r2.flatten().topk(min(REFINED, r2.numel())).indices
+    return max(_refine(ref, candidate, *divmod(int(b), r2.shape[1])) for b in best)
+
+
 class CopyIndex:
     """The seed test pictures, against which candidates are verified (a reference's coarse placements are prepared
     the first time a candidate is checked against it).
@@ -308,10 +314,7 @@ class CopyIndex:
         fine = np.full(len(rows), np.nan, np.float32)
         at = int(coarse.argmax()) if len(rows) else 0
         if len(rows) and coarse[at] >= gate:
-            r2 = fits[at]
-            best = r2.flatten().topk(min(REFINED, r2.numel())).indices
-            ref = self._reference(int(rows[at]))
-            fine[at] = max(_refine(ref, candidate, *divmod(int(b), r2.shape[1])) for b in best)
+            fine[at] = _refined(self._reference(int(rows[at])), candidate, fits[at])
         return coarse, fine
 
 
@@ -379,29 +382,37 @@ def pair_scores(images: Sequence[bytes], pairs: Sequence[tuple[int, int]], gate:
         way_scores = []
         for ref, candidate in ((first_ref, second_view), (second_ref, first_view)):
             r2 = _coarse(ref, candidate)
-            score = float(r2.max())
-            if score >= gate:
-                score = _refine(ref, candidate, *divmod(int(r2.flatten().argmax()), r2.shape[1]))
-            way_scores.append(score)
+            way_scores.append(_refined(ref, candidate, r2) if float(r2.max()) >= gate else float(r2.max()))
         scores.append(max(way_scores))
     return scores
 
 
-def pair_scores_in_parallel(
-    images: Sequence[bytes], pairs: Sequence[tuple[int, int]], gate: float, workers: int
-) -> list[float]:
-    """pair_scores over `workers` processes when there are POOL_MIN pairs or more, each sent the pictures of its
-    share of the pairs (in order, so a picture's pairs mostly fall in one share). Every pair scores the same in any
-    process."""
-    if workers <= 1 or len(pairs) < POOL_MIN:
-        with one_thread():
-            return pair_scores(images, pairs, gate)
-    shares = []
-    for share in np.array_split(np.arange(len(pairs)), 4 * workers):
+def _pair_shares(
+    images: Sequence[bytes], pairs: Sequence[tuple[int, int]], shares: int
+) -> Iterator[tuple[list[bytes], list[tuple[int, int]]]]:
+    """The pairs in `shares` runs, in order (a picture's pairs mostly fall in one), each with only its pictures."""
+    for share in np.array_split(np.arange(len(pairs)), shares):
         used = sorted({at for k in share for at in pairs[k]})
         position = {at: i for i, at in enumerate(used)}
-        shares.append(([images[at] for at in used], [(position[pairs[k][0]], position[pairs[k][1]]) for k in share]))
+        yield [images[at] for at in used], [(position[pairs[k][0]], position[pairs[k][1]]) for k in share]
+
+
+@contextlib.contextmanager
+def pair_scorer(
+    workers: int, pairs: int
+) -> Iterator[Callable[[Sequence[bytes], Sequence[tuple[int, int]], float], list[float]]]:
+    """A function giving pair_scores, over `workers` processes when there are POOL_MIN `pairs` or more in all (the
+    processes start once, however many batches the caller sends; every pair scores the same in any process)."""
+    if workers <= 1 or pairs < POOL_MIN:
+        with one_thread():
+            yield pair_scores
+        return
     spawn = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
     with ProcessPoolExecutor(workers, spawn, initializer=_one_torch_thread) as pool:
-        done = pool.map(pair_scores, *zip(*shares), itertools.repeat(gate))
-        return [score for scores in done for score in scores]
+
+        def in_workers(images: Sequence[bytes], pairs: Sequence[tuple[int, int]], gate: float) -> list[float]:
+            shares = list(_pair_shares(images, pairs, 4 * workers))
+            done = pool.map(pair_scores, *zip(*shares), itertools.repeat(gate))
+            return [score for scores in done for score in scores]
+
+        yield in_workers

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 import torch
 
-from dextra.filter.copies import decode, pair_scores_in_parallel, verifier
+from dextra.filter.copies import decode, pair_scorer, verifier
 from dextra.filter.dedup import exact_duplicates, near_duplicates
 from dextra.filter.detectors import SeedClassifier, cluster_detector, seed_spread_threshold
 from dextra.filter.extrapolate import extrapolate_batch
@@ -219,17 +219,15 @@ class NearDuplicates:
         crawl, cfg = ctx.crawl, ctx.cfg
         candidates = decisions.open_rows()
         scores, neighbors = _crawl_neighbors(crawl.vectors, candidates, ctx.seed_index.ntotal, ctx.seed_neighbors, cfg)
-        workers = cfg.leak_workers or len(os.sched_getaffinity(0))
 
         def aligned(pairs: np.ndarray) -> np.ndarray:
-            """Whether each pair (positions into candidates) copies: its pictures read READ_ROWS at a time."""
+            """Whether each pair (positions into candidates) copies: READ_ROWS pairs' pictures read at a time."""
             copies = []
-            for start in range(0, len(pairs), READ_ROWS):
-                batch = pairs[start : start + READ_ROWS]
-                used, at = np.unique(batch, return_inverse=True)
-                images = crawl.read_images(candidates[used])
-                pair_scores = pair_scores_in_parallel(images, at.reshape(-1, 2).tolist(), cfg.leak_gate, workers)
-                copies.append(np.array(pair_scores) >= cfg.near_duplicate_copy_score)
+            with pair_scorer(_workers(cfg), len(pairs)) as scores_of:
+                for start in range(0, len(pairs), READ_ROWS):
+                    used, at = np.unique(pairs[start : start + READ_ROWS], return_inverse=True)
+                    scores = scores_of(crawl.read_images(candidates[used]), at.reshape(-1, 2).tolist(), cfg.leak_gate)
+                    copies.append(np.array(scores) >= cfg.near_duplicate_copy_score)
             return np.concatenate(copies)
 
         near = near_duplicates(
@@ -245,7 +243,12 @@ class NearDuplicates:
         _drop_copies(decisions, crawl.ids, near, self.outcome, "near copy")
 
 
-READ_ROWS = 10_000  # crawled images decoded at once by the leak detector
+READ_ROWS = 10_000  # crawled images (leaks) or pairs (near copies) read and aligned at once
+
+
+def _workers(cfg: CurateParams) -> int:
+    """The processes that align pairs: curate.leak_workers, or one per CPU this process may use."""
+    return cfg.leak_workers or len(os.sched_getaffinity(0))
 
 
 class Leaks:
@@ -270,8 +273,7 @@ class Leaks:
             return
         open_rows = decisions.open_rows()
         pictures = [decode(image) for image in seed.test_images]
-        workers = cfg.leak_workers or len(os.sched_getaffinity(0))
-        with verifier(seed.test_ids, pictures, workers, len(open_rows)) as best_of_each:
+        with verifier(seed.test_ids, pictures, _workers(cfg), len(open_rows)) as best_of_each:
             for start in range(0, len(open_rows), READ_ROWS):
                 rows = open_rows[start : start + READ_ROWS]
                 proposed = [leak_rows[row][leak_rows[row] >= 0] for row in rows]

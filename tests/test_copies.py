@@ -15,8 +15,8 @@ from dextra.filter.copies import (
     CopyIndex,
     candidate_boxes,
     decode,
+    pair_scorer,
     pair_scores,
-    pair_scores_in_parallel,
     verifier,
 )
 from dextra.pipeline.demo.alterations import FAMILIES, SINGLE, WEB_SIDE, alter
@@ -41,14 +41,18 @@ def pictures(seed):
     return [s.pixels for s in seed[1]]
 
 
-def stored(pixels: np.ndarray) -> np.ndarray:
+def stored_bytes(pixels: np.ndarray) -> bytes:
     """As fetch stores a crawled picture: its shorter side at 32 px, JPEG quality 95."""
     image = Image.fromarray(pixels)
     scale = 32 / min(image.size)
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=95)
-    return decode(out.getvalue())
+    return out.getvalue()
+
+
+def stored(pixels: np.ndarray) -> np.ndarray:
+    return decode(stored_bytes(pixels))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -137,12 +141,6 @@ def test_verifier_scores_the_same_in_worker_processes(pictures):
     assert [row for _, row in alone] == [0, 1, 2]
 
 
-def stored_bytes(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(stored(pixels)).save(out, format="JPEG", quality=95)
-    return out.getvalue()
-
-
 @pytest.mark.parametrize("family", ["crop", "rotate", "mirror", "pad", "caption_bar", "colour", "rescale"])
 def test_a_crawled_copy_of_another_crawled_picture_scores_as_one_either_way_round(pictures, family):
     """Near duplicates inside the crawl: neither picture is known to be the original, so a pair scores the same
@@ -159,7 +157,10 @@ def test_pair_scores_are_the_same_in_worker_processes(pictures):
     images = [stored_bytes(p) for p in pictures[:4]]
     images += [stored_bytes(alter(p, "crop", np.random.default_rng([6, k]))[0]) for k, p in enumerate(pictures[:4])]
     pairs = [(k, k + 4) for k in range(4)] + [(k, (k + 1) % 4) for k in range(4)]
-    alone = pair_scores_in_parallel(images, pairs, GATE, 1)
-    assert pair_scores_in_parallel(images, pairs * (POOL_MIN // len(pairs) + 1), GATE, 2)[: len(pairs)] == alone
+    with pair_scorer(1, len(pairs)) as in_process:
+        alone = in_process(images, pairs, GATE)
+    with pair_scorer(2, POOL_MIN) as in_workers:
+        assert in_workers(images, pairs * (POOL_MIN // len(pairs) + 1), GATE)[: len(pairs)] == alone
+        assert in_workers(images, pairs[:3], GATE) == alone[:3]  # a later, smaller batch to the same processes
+        assert in_workers(images, [], GATE) == []
     assert min(alone[:4]) >= NEAR_COPY > max(alone[4:]), alone
-    assert pair_scores_in_parallel(images, [], GATE, 2) == []
